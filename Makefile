@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make bench` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned CPU wheel by default (fast, offline-safe here); override e.g. `make TORCH='torch==2.5.1' test`.
+TORCH ?= torch==2.13.0
+SUITE ?= default
+PY := $(VENV)/bin/python
+
+.PHONY: bench test lint report clean-venv
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+bench: $(VENV)/.installed
+	$(PY) -m bench run --suite $(SUITE)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+report: $(VENV)/.installed
+	$(PY) -m bench report $(RUN)
+
+clean-venv:
+	rm -rf $(VENV)

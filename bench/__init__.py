@@ -1,0 +1,1 @@
+"""The harness: CLI, suites, training loop, results store."""

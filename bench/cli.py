@@ -1,0 +1,154 @@
+"""`python -m bench`: list, train, run. Bad arguments exit 2 with a message naming the valid choices."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import models
+import tasks
+from bench import env, suite
+from bench.cells import Cell
+from bench.runner import run_cells
+from bench.store import RunStore
+
+RESULTS_ROOT = Path("results")
+
+
+def parse_assignments(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as TOML (numbers, booleans, [lists], "strings") or else kept as text."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+def new_run_dir(root: Path, label: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = root / f"{stamp}-{label}", 1
+    while path.exists():
+        path, i = root / f"{stamp}-{label}-{i}", i + 1
+    return path
+
+
+def setup(args: argparse.Namespace) -> tuple[str, int]:
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return env.resolve_device(args.device), threads
+
+
+def print_rows(frame) -> None:
+    cols = [c for c in ("model", "task", "n", "metric", "value", "ci_low", "ci_high", "status") if c in frame]
+    with __import__("pandas").option_context("display.max_rows", 500, "display.width", 160):
+        print(frame[cols].to_string(index=False))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print("models:")
+    print(f"  {'name':<12} {'params':>9} {'state@1K':>10} {'state@1M':>12} {'time':>6} {'memory':>7} streams  summary")
+    for name, s in models.MODELS.items():
+        m = models.build(name)
+        c = m.complexity
+        print(f"  {name:<12} {m.num_params():>9,} {m.state_numel(1024):>10,} {m.state_numel(1 << 20):>12,} "
+              f"{c.time:>6} {c.memory:>7} {'yes' if m.streams else 'no':>7}  {s.summary}")
+    print("tasks:")
+    for name, s in tasks.TASKS.items():
+        print(f"  {name:<12} {s.summary}")
+    print("suites:")
+    for name in suite.available():
+        print(f"  {name:<12} {suite.load(name).description}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    device, threads = setup(args)
+    train_cfg = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}.items()
+                 if v is not None}
+    cell = Cell(kind="train", model=args.model, task=args.task, seed=args.seed,
+                model_config=parse_assignments(args.model_arg, "--model-arg"),
+                task_config=parse_assignments(args.task_arg, "--task-arg"), run_config=train_cfg)
+    try:
+        suite.expand("train", {"train": [{"task": cell.task, "models": [cell.model], "seeds": [cell.seed],
+                                          "task_config": cell.task_config, "train_config": cell.run_config,
+                                          "model_config": cell.model_config}]})
+    except suite.SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    store = RunStore(args.run_dir or new_run_dir(args.results, f"train-{args.model}-{args.task}"))
+    store.write_json("env.json", env.collect(threads, device))
+    run_cells([cell], store, device, threads)
+    print_rows(store.frame())
+    print(f"results: {store.path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    device, threads = setup(args)
+    try:
+        s = suite.load(args.suite)
+    except suite.SuiteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "results.csv").exists():
+            print(f"error: --resume {run_dir}: no results.csv there", file=sys.stderr)
+            return 2
+    else:
+        run_dir = new_run_dir(args.results, s.name)
+    store = RunStore(run_dir)
+    store.write_json("env.json", {**env.collect(threads, device), "suite": s.name})
+    ran = run_cells(s.cells, store, device, threads)
+    print(f"{s.name}: {ran} cell(s) run, {len(s.cells) - ran} already done; results: {store.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,train,run}")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="cuda when available unless set (default: auto)")
+    common.add_argument("--threads", type=int, default=None,
+                        help="torch threads, fixed and recorded (default: all cores)")
+    common.add_argument("--results", type=Path, default=RESULTS_ROOT, help="root folder of run folders")
+
+    sub.add_parser("list", help="models (with parameter counts and state sizes), tasks and suites")
+
+    p = sub.add_parser("train", parents=[common], help="train one model on one task, then evaluate it")
+    p.add_argument("--model", required=True, choices=models.names())
+    p.add_argument("--task", required=True, choices=tasks.names())
+    p.add_argument("--seed", type=int, default=0, help="model-init seed (data seeds are task options)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option, repeatable")
+    p.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="task option, repeatable")
+    p.add_argument("--run-dir", type=Path, help="write here instead of a new results/<run-id>")
+
+    p = sub.add_parser("run", parents=[common], help="run a suite (bench/suites/NAME.toml)")
+    p.add_argument("--suite", default="quick", help=f"suite name ({', '.join(suite.available())}) or a .toml path")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run: cells already stored are skipped")
+    return parser
+
+
+COMMANDS = {"list": cmd_list, "train": cmd_train, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)

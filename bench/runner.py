@@ -1,0 +1,70 @@
+"""Runs cells and writes their rows to the store. A failing cell becomes a status row (`diverged`, `oom`,
+`error`), never a crashed sweep."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import models
+import tasks
+from bench.cells import Cell
+from bench.store import RunStore
+from bench.train import TrainConfig, train
+from models.registry import make_config
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(err).lower()
+
+
+def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
+    task = tasks.build(cell.task, **cell.task_config)
+    torch.manual_seed(cell.seed)
+    backbone = models.build(cell.model, **cell.model_config)
+    net = task.build_network(backbone, backbone.config.d_model)
+    cfg = make_config(TrainConfig, cell.run_config, "train")
+    result = train(net, task, cfg, device, desc=f"{cell.model} on {cell.task}", progress=progress)
+    rows: list[dict[str, Any]] = [
+        {"metric": "train_loss", "value": result.final_loss, "status": result.status},
+        {"metric": "train_steps", "value": result.steps, "status": result.status},
+        {"metric": "train_tokens_per_s", "value": result.tokens_per_s, "status": result.status},
+        {"metric": "train_wall_s", "value": result.wall_s, "status": result.status},
+    ]
+    if result.status == "ok":
+        rows += [{**row, "status": "ok"} for row in task.evaluate(net, device)]
+    common = {"params": backbone.num_params(), "state_numel": backbone.state_numel(1024)}
+    return [{**common, **row} for row in rows]
+
+
+RUNNERS = {"train": run_train_cell}
+
+
+def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Rows of one cell, with the cell's identity columns filled in; failures become status rows."""
+    start = time.perf_counter()
+    try:
+        rows = RUNNERS[cell.kind](cell, device, progress)
+    except Exception as err:  # a failing cell must not end the sweep
+        status = "oom" if is_oom(err) else "error"
+        detail = traceback.format_exception_only(err)[-1].strip()
+        rows = [{"metric": "status", "value": float("nan"), "status": status, "error": detail}]
+    identity = {"kind": cell.kind, "model": cell.model, "task": cell.task, "seed": cell.seed,
+                "device": device, "threads": threads, "wall_s": time.perf_counter() - start,
+                "config": cell.as_dict()}
+    return [{**identity, **row} for row in rows]
+
+
+def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, progress: bool = True) -> int:
+    """Run the cells the store does not hold yet; returns how many ran."""
+    done = store.done_cells()
+    todo = [c for c in cells if c.id not in done]
+    bar = tqdm(todo, desc="cells", disable=not progress, dynamic_ncols=True)
+    for cell in bar:
+        bar.set_description(cell.label)
+        store.append(cell.id, run_cell(cell, device, threads, progress))
+    return len(todo)

@@ -1,0 +1,89 @@
+"""The training loop: AdamW, linear warm-up then cosine decay, gradient clipping, seeded init, tqdm
+progress with loss and tokens/s. A non-finite loss ends the run as `diverged` instead of crashing."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from tasks.base import Task, TaskNetwork
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2500
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    grad_clip: float = 1.0
+    time_budget_s: float | None = None  # stop early (status "ok", fewer steps) when exceeded
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("steps, batch_size and lr must be positive")
+
+
+@dataclass
+class TrainResult:
+    status: str  # "ok" or "diverged"
+    steps: int
+    final_loss: float
+    wall_s: float
+    tokens_per_s: float
+    losses: list[float] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    net: TaskNetwork,
+    task: Task,
+    cfg: TrainConfig,
+    device: torch.device | str = "cpu",
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    net.to(device).train()
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    no_decay = [p for p in net.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    losses: list[float] = []
+    tokens, start, status, step = 0, time.perf_counter(), "ok", 0
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = task.train_batch(step, cfg.batch_size).to(device)
+        loss = task.loss(net(batch.inputs)[0], batch)
+        if not torch.isfinite(loss):
+            status = "diverged"
+            losses.append(loss.item())
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        tokens += task.tokens(batch)
+        elapsed = time.perf_counter() - start
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
+        if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
+            break
+    bar.close()
+    net.eval()
+    wall = time.perf_counter() - start
+    return TrainResult(status, len(losses), losses[-1] if losses else float("nan"), wall, tokens / wall, losses)

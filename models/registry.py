@@ -1,0 +1,53 @@
+"""Model registry: a new model is one file plus one line in MODELS."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from models import transformer
+from models.base import SequenceModel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_cls: type[SequenceModel]
+    config_cls: type
+    summary: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("transformer", transformer.Transformer, transformer.TransformerConfig,
+                  "full causal attention, rotary, pre-norm"),
+        ModelSpec("swa", transformer.Transformer, transformer.SWAConfig,
+                  "the Transformer with sliding-window attention only (blockwise, O(n w))"),
+    ]
+}
+
+
+def names() -> list[str]:
+    return list(MODELS)
+
+
+def spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def make_config(config_cls: type, overrides: dict[str, Any], what: str) -> Any:
+    """Build a frozen config from overrides, naming the valid fields when one is unknown."""
+    valid = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {unknown}; valid: {', '.join(sorted(valid))}")
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def build(name: str, **overrides: Any) -> SequenceModel:
+    s = spec(name)
+    return s.model_cls(make_config(s.config_cls, overrides, f"model '{name}'"))

@@ -1,0 +1,55 @@
+"""Transformer (Vaswani et al. 2017) as pre-norm causal blocks with rotary positions, and the same
+network with sliding-window attention only (`swa`), the linear-cost attention baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from models.attention import AttentionMixer
+from models.base import Complexity, SequenceModel
+from models.layers import BlockStack, ResidualBlock
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    attention: str = "sdpa"  # "naive" (materialised n x n scores) or "sdpa" (fused kernel)
+    window: int | None = None  # None: full causal attention; w: each token sees the last w tokens
+    rope_base: float = 10000.0
+
+
+@dataclass(frozen=True)
+class SWAConfig(TransformerConfig):
+    window: int | None = 64
+
+
+class Transformer(SequenceModel):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = c = config
+        blocks = [
+            ResidualBlock(
+                c.d_model, AttentionMixer(c.d_model, c.n_heads, c.attention, c.window, 0, c.rope_base), c.mlp_ratio
+            )
+            for _ in range(c.n_layers)
+        ]
+        self.stack = BlockStack(c.d_model, blocks)
+
+    def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        return self.stack(x, state)
+
+    @property
+    def complexity(self) -> Complexity:
+        if self.config.window is not None:
+            return Complexity(time="n", memory="n")
+        return Complexity(time="n^2", memory="n^2" if self.config.attention == "naive" else "n")
+
+    def state_numel(self, n: int) -> int:
+        cached = n if self.config.window is None else min(n, self.config.window)
+        return 2 * self.config.n_layers * cached * self.config.d_model  # keys and values per layer

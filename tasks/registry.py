@@ -1,0 +1,41 @@
+"""Task registry: a new task is one file plus one line in TASKS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from models.registry import make_config
+from tasks import copy
+from tasks.base import Task
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    task_cls: type[Task]
+    config_cls: type
+    summary: str
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in [
+        TaskSpec("copy", copy.CopyTask, copy.CopyConfig, "copy / selective copy, train short, test long"),
+    ]
+}
+
+
+def names() -> list[str]:
+    return list(TASKS)
+
+
+def spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def build(name: str, **overrides: Any) -> Task:
+    s = spec(name)
+    return s.task_cls(make_config(s.config_cls, overrides, f"task '{name}'"))

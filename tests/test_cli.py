@@ -1,0 +1,88 @@
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from bench import suite
+from bench.cli import main, parse_assignments
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_at_every_level():
+    for args in ([], ["list"], ["train"], ["run"]):
+        out = run_cli(*args, "--help")
+        assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_list_shows_models_with_params_state_and_complexity():
+    out = run_cli("list")
+    assert out.returncode == 0
+    assert "transformer" in out.stdout and "98,368" in out.stdout and "quick" in out.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--model", "gpt", "--task", "copy"], "choose from 'transformer'"),
+    (["train", "--model", "swa", "--task", "sort"], "choose from 'copy'"),
+    (["run", "--suite", "nope"], "valid suites: "),
+    (["train", "--model", "swa", "--task", "copy", "--model-arg", "width=3"], "valid: "),
+    (["train", "--model", "swa", "--task", "copy", "--task-arg", "variant=reverse"], "valid: copy, selective"),
+    (["frobnicate"], "invalid choice"),
+    (["run", "--device", "tpu"], "choose from 'auto', 'cpu', 'cuda'"),
+])
+def test_bad_arguments_exit_2_naming_valid_choices(args, needle):
+    out = run_cli(*args)
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr
+
+
+def test_assignments_parse_toml_values():
+    assert parse_assignments(["a=3", "b=[1, 2]", "c=naive", 'd="x"', "e=true"], "--x") == {
+        "a": 3, "b": [1, 2], "c": "naive", "d": "x", "e": True}
+
+
+def test_train_command_writes_a_tidy_csv_and_env(tmp_path):
+    code = main(["train", "--model", "swa", "--task", "copy", "--steps", "5", "--batch-size", "4",
+                 "--task-arg", "eval_lengths=[4]", "--task-arg", "eval_samples=10", "--threads", "1",
+                 "--run-dir", str(tmp_path / "r")])
+    assert code == 0
+    frame = pd.read_csv(tmp_path / "r" / "results.csv")
+    assert {"train_loss", "exact_match", "token_accuracy"} <= set(frame["metric"])
+    assert (tmp_path / "r" / "env.json").exists()
+    assert frame["threads"].eq(1).all() and frame["params"].gt(0).all()
+
+
+def test_suite_rerun_skips_finished_cells(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text("""
+description = "tiny"
+[[train]]
+task = "copy"
+models = ["swa", "transformer"]
+task_config = { eval_lengths = [3], eval_samples = 5, train_max_len = 3 }
+train_config = { steps = 3, batch_size = 2, warmup = 1 }
+""")
+    run_dir = tmp_path / "run"
+    assert main(["run", "--suite", str(path), "--resume", str(run_dir)]) == 2  # nothing to resume yet
+    run_dir.mkdir()
+    (run_dir / "results.csv").write_text("")
+    assert main(["run", "--suite", str(path), "--resume", str(run_dir), "--threads", "1"]) == 0
+    first = pd.read_csv(run_dir / "results.csv")
+    assert main(["run", "--suite", str(path), "--resume", str(run_dir), "--threads", "1"]) == 0
+    second = pd.read_csv(run_dir / "results.csv")
+    assert len(first) == len(second) and first["cell_id"].nunique() == 2
+
+
+def test_every_shipped_suite_parses():
+    for name in suite.available():
+        assert suite.load(name).cells
+
+
+def test_bad_suite_entry_says_what_is_wrong(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[train]]\ntask = "copy"\nmodels = ["nosuch"]\n')
+    with pytest.raises(suite.SuiteError, match="valid models"):
+        suite.load(str(path))
