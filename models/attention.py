@@ -138,6 +138,10 @@ class AttentionMixer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
+    def state_numel(self, n: int) -> int:
+        d = self.out.in_features
+        return 2 * d * (n if self.window is None else min(n, self.window) + self.n_prefix)
+
     def forward(self, x: Tensor, state: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)

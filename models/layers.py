@@ -77,3 +77,6 @@ class BlockStack(nn.Module):
             x, block_state = block(x, block_state)
             new_state.append(block_state)
         return self.norm(x), new_state
+
+    def state_numel(self, n: int) -> int:
+        return sum(block.mixer.state_numel(n) for block in self.blocks)

@@ -49,7 +49,7 @@ class MemoryConfig:
     expansion: float = 2.0  # hidden width of the memory MLP, in head dims
     chunk: int = 16  # b: tokens sharing one gradient anchor
     conv_kernel: int = 4
-    max_lr: float = 0.1
+    max_lr: float = 0.01
     momentum: bool = True
     forgetting: bool = True
     rule: str = "titans"  # "titans", or the seed paper's update as written ("seed") or sign-corrected
@@ -227,7 +227,7 @@ class NeuralMemory(nn.Module):
     per memory layer, the offset inside the current chunk, and the conv tail (last kernel-1 inputs).
     """
 
-    def __init__(self, dim: int, config: MemoryConfig = MemoryConfig()):
+    def __init__(self, dim: int, config: MemoryConfig = MemoryConfig(), retrieval: bool = False):
         super().__init__()
         if dim % config.n_heads:
             raise ValueError(f"d_model={dim} must be divisible by memory n_heads={config.n_heads}")
@@ -247,17 +247,36 @@ class NeuralMemory(nn.Module):
         self.out_norm = nn.Parameter(torch.ones(dh))
         self.out_gate = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
+        self.retrieve_q = nn.Linear(dim, dim, bias=False) if retrieval else None  # MAC reads with its own queries
 
-    def state_numel(self) -> int:
+    def state_numel(self, n: int) -> int:
+        """Constant in n: weights, momentum and anchor per memory layer, plus the conv tail."""
         mem = sum(w.numel() for w in self.init_weights)
-        return 3 * mem + self.conv.in_channels * (self.config.conv_kernel - 1)  # weights, momentum, anchor, conv
+        return 3 * mem + self.conv.in_channels * (self.config.conv_kernel - 1)
 
-    def project(self, x: Tensor, state: dict[str, Any] | None) -> tuple[Tensor, ...]:
+    def initial_state(self, batch: int, dtype: torch.dtype) -> dict[str, Any]:
+        weights = [w.unsqueeze(0).expand(batch, *w.shape).to(dtype) for w in self.init_weights]
+        tail = weights[0].new_zeros(batch, self.conv.in_channels, self.config.conv_kernel - 1)
+        return {"weights": weights, "momentum": [torch.zeros_like(w) for w in weights], "anchor": weights,
+                "offset": 0, "conv": tail}
+
+    def read(self, x: Tensor, weights: list[Tensor]) -> Tensor:
+        """Retrieval without update: M(q) for queries from x, through the output pipeline. [B, N, D]."""
+        b, n, d = x.shape
+        q = l2_normalise(self.retrieve_q(x).view(b, n, self.config.n_heads, self.dh).transpose(1, 2))
+        return self.finish(mlp_forward(weights, q)[0][-1], x)
+
+    def finish(self, y: Tensor, x: Tensor) -> Tensor:
+        """Per-head RMS-norm, sigmoid gate from x, output projection: [B, H, N, dh] -> [B, N, D]."""
+        b, n, d = x.shape
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm
+        return self.out(y.transpose(1, 2).reshape(b, n, d) * torch.sigmoid(self.out_gate(x)))
+
+    def project(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, ...]:
         b, n, d = x.shape
         c, h = self.config, self.config.n_heads
         u = self.qkv(x).transpose(1, 2)  # [B, 3D, N]
-        tail = state["conv"] if state else u.new_zeros(b, 3 * d, c.conv_kernel - 1)
-        u = torch.cat([tail, u], dim=-1)
+        u = torch.cat([state["conv"], u], dim=-1)
         new_tail = u[..., u.shape[-1] - (c.conv_kernel - 1):]
         u = F.silu(self.conv(u)).transpose(1, 2)  # causal: output t sees inputs t-kernel+1..t
         q, k, v = (t.view(b, n, h, self.dh).transpose(1, 2) for t in u.chunk(3, dim=-1))  # [B, H, N, dh]
@@ -270,23 +289,16 @@ class NeuralMemory(nn.Module):
     def forward(
         self, x: Tensor, state: dict[str, Any] | None = None, diagnostics: dict[str, list] | None = None
     ) -> tuple[Tensor, dict[str, Any]]:
-        b, n, d = x.shape
         c = self.config
+        state = state or self.initial_state(x.shape[0], x.dtype)
         q, k, v, log_eta, log_keep, theta, tail = self.project(x, state)
-        if state:
-            weights, momentum, anchor, offset = state["weights"], state["momentum"], state["anchor"], state["offset"]
-        else:
-            weights = [w.unsqueeze(0).expand(b, *w.shape).to(x.dtype) for w in self.init_weights]
-            momentum = [torch.zeros_like(w) for w in weights]
-            anchor, offset = weights, 0
-        args = (weights, momentum, anchor, offset, c.chunk, q, k, v, log_eta, log_keep, theta)
+        args = (state["weights"], state["momentum"], state["anchor"], state["offset"], c.chunk,
+                q, k, v, log_eta, log_keep, theta)
         if c.path == "reference" or c.rule != "titans" or diagnostics is not None:
             y, weights, momentum, anchor = reference_scan(*args, rule=c.rule, seed_gamma=c.seed_gamma,
                                                           diagnostics=diagnostics)
         else:
             y, weights, momentum, anchor = chunked_scan(*args)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm  # [B, H, N, dh]
-        y = y.transpose(1, 2).reshape(b, n, d) * torch.sigmoid(self.out_gate(x))
         new_state = {"weights": weights, "momentum": momentum, "anchor": anchor,
-                     "offset": (offset + n) % c.chunk, "conv": tail}
-        return self.out(y), new_state
+                     "offset": (state["offset"] + x.shape[1]) % c.chunk, "conv": tail}
+        return self.finish(y, x), new_state

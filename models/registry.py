@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from models import transformer
+from models import lmm, mac, mag, mal, titans, transformer
 from models.base import SequenceModel
 
 
@@ -25,6 +25,10 @@ MODELS: dict[str, ModelSpec] = {
                   "full causal attention, rotary, pre-norm"),
         ModelSpec("swa", transformer.Transformer, transformer.SWAConfig,
                   "the Transformer with sliding-window attention only (blockwise, O(n w))"),
+        ModelSpec("lmm", lmm.LMM, titans.TitansConfig, "Titans neural long-term memory alone, no attention"),
+        ModelSpec("mac", mac.MAC, titans.TitansConfig, "Titans memory as context: segment attention over retrieval"),
+        ModelSpec("mag", mag.MAG, titans.TitansConfig, "Titans memory as gate: SWA branch x memory branch"),
+        ModelSpec("mal", mal.MAL, titans.TitansConfig, "Titans memory as layer: memory, then SWA"),
     ]
 }
 

@@ -51,5 +51,4 @@ class Transformer(SequenceModel):
         return Complexity(time="n^2", memory="n^2" if self.config.attention == "naive" else "n")
 
     def state_numel(self, n: int) -> int:
-        cached = n if self.config.window is None else min(n, self.config.window)
-        return 2 * self.config.n_layers * cached * self.config.d_model  # keys and values per layer
+        return self.stack.state_numel(n)  # the KV cache: all keys/values, or the last w

@@ -1,0 +1,84 @@
+"""What the Titans architectures share: one config, the persistent-memory prefix, the memory gate, and a
+stack model that threads streaming state through its blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.base import Complexity, SequenceModel
+from models.layers import BlockStack, RMSNorm
+from models.neural_memory import MemoryConfig
+
+
+@dataclass(frozen=True)
+class TitansConfig:
+    """Width, depth and MLP match TransformerConfig. Defaults for what the paper leaves open:
+    memory MLP depth 2 and hidden width 2 x head_dim, chunk 16, conv kernel 4, max inner lr 0.01
+    (0.1 diverged on random inputs: a chunk sums b gradients taken at one anchor), 4 persistent tokens,
+    window 64 (MAG, MAL), segment 64 (MAC)."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    mem_depth: int = 2
+    mem_expansion: float = 2.0
+    chunk: int = 16
+    conv_kernel: int = 4
+    max_lr: float = 0.01
+    momentum: bool = True
+    forgetting: bool = True
+    rule: str = "titans"  # "titans", "seed", "seed_corrected" (see models/neural_memory.py)
+    memory_path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
+    n_persistent: int = 4  # N_p learned input-independent tokens (MAC, MAG, MAL)
+    window: int = 64  # sliding-window width (MAG, MAL)
+    segment: int = 64  # segment length C (MAC)
+    attention: str = "sdpa"
+    rope_base: float = 10000.0
+
+    def memory(self) -> MemoryConfig:
+        return MemoryConfig(n_heads=self.n_heads, depth=self.mem_depth, expansion=self.mem_expansion,
+                            chunk=self.chunk, conv_kernel=self.conv_kernel, max_lr=self.max_lr,
+                            momentum=self.momentum, forgetting=self.forgetting, rule=self.rule,
+                            path=self.memory_path)
+
+
+class MemoryGate(nn.Module):
+    """Normalised gating of a branch by the memory: norm(y) * sigmoid(norm(m))."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm_y, self.norm_m = RMSNorm(dim), RMSNorm(dim)
+
+    def forward(self, y: Tensor, m: Tensor) -> Tensor:
+        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+
+
+class TitansStack(SequenceModel):
+    """Blocks over the sequence, with `n_prefix` learned persistent tokens prepended at the start of the
+    stream (seen by every later token, dropped from the output)."""
+
+    def __init__(self, config: TitansConfig, blocks: list[nn.Module], n_prefix: int):
+        super().__init__()
+        self.config = config
+        self.stack = BlockStack(config.d_model, blocks)
+        self.persistent = nn.Parameter(torch.randn(n_prefix, config.d_model) * 0.02) if n_prefix else None
+
+    def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        n_p = 0
+        if state is None and self.persistent is not None:
+            n_p = self.persistent.shape[0]
+            x = torch.cat([self.persistent.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        y, state = self.stack(x, state)
+        return y[:, n_p:], state
+
+    @property
+    def complexity(self) -> Complexity:
+        return Complexity(time="n", memory="n")
+
+    def state_numel(self, n: int) -> int:
+        return self.stack.state_numel(n)
