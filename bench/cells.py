@@ -29,4 +29,14 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.model} {self.task} seed={self.seed}".replace("  ", " ")
+        extra = " ".join(f"{k}={self.run_config[k]}" for k in ("metric", "n", "stream", "rule") if k in self.run_config)
+        return " ".join(part for part in (self.kind, self.model, self.task, extra) if part)
+
+    @property
+    def series(self) -> str | None:
+        """Profile cells of one (model, metric, settings) series, ignoring n: a budget failure at some n
+        skips the larger n of the same series."""
+        if self.kind != "profile":
+            return None
+        rest = {k: v for k, v in self.run_config.items() if k != "n"}
+        return json.dumps([self.model, self.model_config, rest], sort_keys=True, default=list)

@@ -10,12 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 import models
 import tasks
-from bench import env, suite
+from bench import claims, env, suite
 from bench.cells import Cell
+from bench.profile import METRICS, MODES
 from bench.runner import run_cells
 from bench.store import RunStore
 
@@ -52,17 +54,17 @@ def setup(args: argparse.Namespace) -> tuple[str, int]:
 
 def print_rows(frame) -> None:
     cols = [c for c in ("model", "task", "n", "metric", "value", "ci_low", "ci_high", "status") if c in frame]
-    with __import__("pandas").option_context("display.max_rows", 500, "display.width", 160):
+    with pd.option_context("display.max_rows", 500, "display.width", 160):
         print(frame[cols].to_string(index=False))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     print("models:")
-    print(f"  {'name':<12} {'params':>9} {'state@1K':>10} {'state@1M':>12} {'time':>6} {'memory':>7} streams  summary")
+    print(f"  {'name':<18} {'params':>9} {'state@1K':>10} {'state@1M':>12} {'time':>6} {'memory':>7} streams  summary")
     for name, s in models.MODELS.items():
         m = models.build(name)
         c = m.complexity
-        print(f"  {name:<12} {m.num_params():>9,} {m.state_numel(1024):>10,} {m.state_numel(1 << 20):>12,} "
+        print(f"  {name:<18} {m.num_params():>9,} {m.state_numel(1024):>10,} {m.state_numel(1 << 20):>12,} "
               f"{c.time:>6} {c.memory:>7} {'yes' if m.streams else 'no':>7}  {s.summary}")
     print("tasks:")
     for name, s in tasks.TASKS.items():
@@ -116,9 +118,69 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_lengths(text: str) -> list[int]:
+    """`256:16384` (powers of two from 256 to 16384) or `256,1000,4096`."""
+    try:
+        if ":" in text:
+            low, high = (int(v) for v in text.split(":"))
+            if low < 1 or high < low:
+                raise ValueError
+            out, n = [], low
+            while n <= high:
+                out.append(n)
+                n *= 2
+            return out
+        out = [int(v) for v in text.split(",")]
+        if min(out) < 1:
+            raise ValueError
+        return out
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid lengths {text!r}: use LOW:HIGH (powers of two, 1 <= LOW <= HIGH) or a comma list") from None
+
+
+def parse_choices(valid: tuple[str, ...] | list[str], what: str):
+    def parse(text: str) -> list[str]:
+        items = [t for t in text.split(",") if t]
+        bad = [t for t in items if t not in valid]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad}; valid: {', '.join(valid)}")
+        return items
+    return parse
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    device, threads = setup(args)
+    profile = {k: v for k, v in {"batch": args.batch, "repeats": args.repeats,
+                                 "memory_budget_mb": args.memory_budget_mb, "time_budget_s": args.time_budget_s}.items()
+               if v is not None}
+    data = {"profile": [{"models": args.models, "lengths": args.lengths, "metrics": args.metrics,
+                         "modes": args.modes, "profile": profile}]}
+    s = suite.expand("profile", data)
+    store = RunStore(args.run_dir or new_run_dir(args.results, "profile"))
+    store.write_json("env.json", env.collect(threads, device))
+    run_cells(s.cells, store, device, threads)
+    frame = store.frame()
+    cols = ["model", "n", "metric", "value", "status"]
+    with pd.option_context("display.max_rows", 1000, "display.width", 160):
+        print(frame[cols].to_string(index=False))
+    print(f"results: {store.path}")
+    return 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    path = Path(args.run_dir) / "results.csv"
+    if not path.exists():
+        print(f"error: {path} not found: give a run folder (results/<run-id>)", file=sys.stderr)
+        return 2
+    for v in claims.ledger(pd.read_csv(path)):
+        print(f"{v.id:<4} {v.verdict:<13} {v.claim}\n     {v.evidence}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,train,run}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,train,run,profile,claims}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -143,10 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run a suite (bench/suites/NAME.toml)")
     p.add_argument("--suite", default="quick", help=f"suite name ({', '.join(suite.available())}) or a .toml path")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run: cells already stored are skipped")
+
+    p = sub.add_parser("profile", parents=[common], help="time / memory / FLOPs of models against n")
+    p.add_argument("--models", type=parse_choices(models.names(), "model"), default=["transformer", "lmm"],
+                   help=f"comma list from {', '.join(models.names())}")
+    p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("256:4096"), help="LOW:HIGH or a,b,c")
+    p.add_argument("--metrics", type=parse_choices(METRICS, "metric"), default=list(METRICS),
+                   help=f"comma list from {', '.join(METRICS)}")
+    p.add_argument("--modes", type=parse_choices(MODES, "mode"), default=list(MODES),
+                   help=f"comma list from {', '.join(MODES)}")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--memory-budget-mb", type=float)
+    p.add_argument("--time-budget-s", type=float)
+    p.add_argument("--run-dir", type=Path, help="write here instead of a new results/<run-id>")
+
+    p = sub.add_parser("claims", help="the claims ledger of a run: verdicts and the numbers behind them")
+    p.add_argument("run_dir", metavar="RUN_DIR")
     return parser
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "run": cmd_run}
+COMMANDS = {"list": cmd_list, "train": cmd_train, "run": cmd_run, "profile": cmd_profile, "claims": cmd_claims}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import traceback
 from typing import Any
@@ -13,6 +16,8 @@ from tqdm import tqdm
 import models
 import tasks
 from bench.cells import Cell
+from bench.dynamics import run_dynamics
+from bench.profile import ProfileConfig, profile_point
 from bench.store import RunStore
 from bench.train import TrainConfig, train
 from models.registry import make_config
@@ -41,7 +46,31 @@ def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[
     return [{**common, **row} for row in rows]
 
 
-RUNNERS = {"train": run_train_cell}
+def run_profile_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
+    r = dict(cell.run_config)
+    cfg = make_config(ProfileConfig, r.get("profile", {}), "profile")
+    rows = profile_point(cell.model, cell.model_config, r["n"], r["metric"], r["modes"], cfg, device,
+                         torch.get_num_threads())
+    return [{**row, "variant": r["metric"]} for row in rows]
+
+
+def run_stream_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
+    request = {"model": cell.model, "config": cell.model_config, "mode": "stream", "device": device,
+               "threads": torch.get_num_threads(), **cell.run_config}
+    out = subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(request)], capture_output=True,
+                         text=True, timeout=cell.run_config["budget_s"] * 2 + 120)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+
+
+def run_dynamics_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
+    r = cell.run_config
+    return run_dynamics(r["stream"], r["rule"], r["n"], r["window"], seed=cell.seed, memory=r.get("memory"))
+
+
+RUNNERS = {"train": run_train_cell, "profile": run_profile_cell, "stream": run_stream_cell,
+           "dynamics": run_dynamics_cell}
 
 
 def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> list[dict[str, Any]]:
@@ -63,8 +92,19 @@ def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, pro
     """Run the cells the store does not hold yet; returns how many ran."""
     done = store.done_cells()
     todo = [c for c in cells if c.id not in done]
+    failed_at: dict[str, int] = {}  # profile series -> smallest n that ran out of memory or time
     bar = tqdm(todo, desc="cells", disable=not progress, dynamic_ncols=True)
     for cell in bar:
         bar.set_description(cell.label)
-        store.append(cell.id, run_cell(cell, device, threads, progress))
+        series = cell.series
+        n = cell.run_config.get("n")
+        if series and series in failed_at and n > failed_at[series]:
+            rows = [{"kind": cell.kind, "model": cell.model, "n": n, "metric": cell.run_config.get("metric", ""),
+                     "value": float("nan"), "status": "skipped", "config": cell.as_dict(),
+                     "reason": f"a smaller n ({failed_at[series]}) exceeded its budget"}]
+        else:
+            rows = run_cell(cell, device, threads, progress)
+        if series and any(r.get("status") in ("oom", "timeout", "skipped") for r in rows):
+            failed_at[series] = min(failed_at.get(series, n), n)
+        store.append(cell.id, rows)
     return len(todo)

@@ -22,7 +22,7 @@ import pandas as pd
 SCHEMA_VERSION = 1
 COLUMNS = [
     "run_id", "cell_id", "kind", "model", "task", "variant", "n", "depth", "metric", "value", "ci_low",
-    "ci_high", "status", "seed", "params", "state_numel", "device", "threads", "extra", "config",
+    "ci_high", "status", "seed", "params", "state_numel", "device", "threads", "wall_s", "extra", "config",
     "cell_rows", "schema", "time",
 ]
 RESULTS = "results.csv"

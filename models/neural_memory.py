@@ -23,7 +23,7 @@ Two paths compute the same thing:
 
 Choices the paper leaves open (config values, defaults in MemoryConfig): memory MLP depth and hidden
 width, SiLU activation, chunk size, conv kernel, gate parameterisation theta = max_lr * sigmoid,
-eta = sigmoid, alpha = sigmoid (biases start at eta ~ 0.73, alpha ~ 0.018), learned initial memory shared
+eta = sigmoid, alpha = sigmoid (biases start at eta ~ 0.73, alpha ~ 0.0025), learned initial memory shared
 across the batch, zero initial momentum, output RMS-norm gated by sigmoid(linear(x)).
 """
 
@@ -240,7 +240,7 @@ class NeuralMemory(nn.Module):
         self.gates = nn.Linear(dim, 3 * c.n_heads)  # theta, eta, alpha logits per head
         with torch.no_grad():
             self.gates.weight.mul_(0.1)
-            self.gates.bias.copy_(torch.tensor([0.0, 1.0, -4.0]).repeat_interleave(c.n_heads))
+            self.gates.bias.copy_(torch.tensor([0.0, 1.0, -6.0]).repeat_interleave(c.n_heads))
         self.init_weights = nn.ParameterList(
             nn.Parameter(torch.randn(c.n_heads, a, b) / math.sqrt(a)) for a, b in zip(widths, widths[1:], strict=False)
         )

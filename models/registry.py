@@ -23,6 +23,8 @@ MODELS: dict[str, ModelSpec] = {
     for spec in [
         ModelSpec("transformer", transformer.Transformer, transformer.TransformerConfig,
                   "full causal attention, rotary, pre-norm"),
+        ModelSpec("transformer-naive", transformer.Transformer, transformer.NaiveTransformerConfig,
+                  "the Transformer with the n x n score matrix materialised (textbook O(n^2) memory)"),
         ModelSpec("swa", transformer.Transformer, transformer.SWAConfig,
                   "the Transformer with sliding-window attention only (blockwise, O(n w))"),
         ModelSpec("lmm", lmm.LMM, titans.TitansConfig, "Titans neural long-term memory alone, no attention"),

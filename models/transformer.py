@@ -29,6 +29,11 @@ class SWAConfig(TransformerConfig):
     window: int | None = 64
 
 
+@dataclass(frozen=True)
+class NaiveTransformerConfig(TransformerConfig):
+    attention: str = "naive"
+
+
 class Transformer(SequenceModel):
     def __init__(self, config: TransformerConfig):
         super().__init__()

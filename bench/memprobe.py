@@ -1,0 +1,77 @@
+"""Subprocess entry for one memory measurement: `python -m bench.memprobe '<json request>'`.
+Prints one JSON line: peak_bytes (above the baseline), baseline_bytes, probe (which counter was used).
+A fresh process per point keeps one point's allocations from hiding another's."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+import models
+from bench.profile import make_input, step, stream
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class CpuPeak:
+    """Peak RSS above a baseline. Resets the kernel's high-water mark (clear_refs 5) where allowed;
+    otherwise falls back to getrusage, whose peak includes everything before the baseline."""
+
+    def __init__(self):
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.probe = "VmHWM"
+        except OSError:
+            self.probe = "ru_maxrss"
+        self.baseline = _status_kb("VmRSS") * 1024
+
+    def peak(self) -> int:
+        if self.probe == "VmHWM":
+            top = _status_kb("VmHWM") * 1024
+        else:
+            top = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(0, top - self.baseline)
+
+
+class CudaPeak:
+    probe = "max_memory_allocated"
+
+    def __init__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.baseline = torch.cuda.memory_allocated()
+
+    def peak(self) -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.baseline
+
+
+def main(request: dict) -> dict:
+    torch.set_num_threads(request.get("threads", 1))
+    device = request.get("device", "cpu")
+    torch.manual_seed(0)
+    model = models.build(request["model"], **request.get("config", {})).to(device)
+    if request["mode"] == "stream":
+        meter = CudaPeak() if device.startswith("cuda") else CpuPeak()
+        rows = stream(model, request["total"], request["piece"], request["checkpoints"], device,
+                      request["budget_s"], meter.peak)
+        return {"rows": rows, "baseline_bytes": meter.baseline, "probe": meter.probe}
+    x = make_input(model, request["batch"], request["n"], device)
+    if request["mode"] == "train":
+        step(model, make_input(model, request["batch"], 8, device), "train")  # allocate grads before the baseline
+    meter = CudaPeak() if device.startswith("cuda") else CpuPeak()
+    step(model, x, request["mode"])
+    return {"peak_bytes": meter.peak(), "baseline_bytes": meter.baseline, "probe": meter.probe}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))

@@ -1,0 +1,196 @@
+"""Time, memory and FLOP profiles of a model against sequence length n, and the streaming profile.
+
+- time: forward in inference mode, and forward + backward; warm-up excluded, median of repeats with the
+  quartiles as spread; CUDA synchronised on GPU.
+- memory: peak memory of one step, each point in a fresh subprocess (`bench.memprobe`). CPU: peak RSS above
+  a baseline taken after the model and input are built (the kernel's high-water mark is reset first);
+  GPU: max_memory_allocated above the allocated baseline after a reset.
+- flops: torch's FlopCounterMode. Convention: attention counted as the full n x n product (the counter
+  ignores causal masking, for both backends alike). SDPA's CPU kernel is unknown to the counter (it would
+  count 0): its formula is registered here so that both backends report equal forward FLOPs. In backward
+  the fused kernel recomputes the scores, so it counts 5 products where the naive path counts 4.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import flop_counter
+
+import models
+from models.attention import AttentionMixer
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    batch: int = 1
+    repeats: int = 3
+    warmup: int = 1
+    memory_budget_mb: float = 6000.0  # points estimated or measured above it are recorded as `oom`
+    time_budget_s: float = 30.0  # one step slower than this is recorded as `timeout`
+
+
+def _register_cpu_sdpa_flops() -> None:
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None and forward not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(forward)
+        def _forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+    if backward is not None and backward not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(backward)
+        def _backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_flops()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_input(model: torch.nn.Module, batch: int, n: int, device: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(n)
+    return torch.randn(batch, n, model.config.d_model, generator=gen).to(device)
+
+
+def step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
+    """One measured step: `forward` (inference mode) or `train` (forward + backward)."""
+    if mode == "forward":
+        with torch.inference_mode():
+            model(x)
+    else:
+        y, _ = model(x)
+        y.square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+
+def estimate_attention_bytes(model: torch.nn.Module, n: int, batch: int, mode: str) -> int:
+    """Bytes of materialised n x n scores (naive full attention only), to refuse a point before it swaps."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, AttentionMixer) and module.backend == "naive" and module.window is None:
+            matrices = 2 if mode == "forward" else 4  # scores and probabilities; kept for backward too
+            total += matrices * batch * module.n_heads * n * n * 4
+    return total
+
+
+def measure_time(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, device: str) -> list[dict[str, Any]]:
+    x = make_input(model, cfg.batch, n, device)
+    times = []
+    for i in range(cfg.warmup + cfg.repeats):
+        sync(device)
+        start = time.perf_counter()
+        step(model, x, mode)
+        sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed > cfg.time_budget_s:
+            return [{"metric": f"time_{mode}_s", "value": elapsed, "status": "timeout"}]
+        if i >= cfg.warmup:
+            times.append(elapsed)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    median = statistics.median(times)
+    spread = {"q25": q[0], "q75": q[2], "repeats": len(times)}
+    return [
+        {"metric": f"time_{mode}_s", "value": median, "status": "ok", **spread},
+        {"metric": f"tokens_per_s_{mode}", "value": cfg.batch * n / median, "status": "ok"},
+    ]
+
+
+def count_flops(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, device: str) -> list[dict[str, Any]]:
+    x = make_input(model, cfg.batch, n, device)
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        if mode == "forward":  # with autograd on: the counter's module hooks need graph nodes; same FLOPs
+            model(x)
+        else:
+            step(model, x, mode)
+    return [{"metric": f"flops_{mode}", "value": float(counter.get_total_flops()), "status": "ok"}]
+
+
+def measure_memory(model_name: str, model_config: dict[str, Any], n: int, mode: str, cfg: ProfileConfig,
+                   device: str, threads: int) -> list[dict[str, Any]]:
+    """Peak memory of one step in a fresh subprocess."""
+    request = {"model": model_name, "config": model_config, "n": n, "mode": mode, "batch": cfg.batch,
+               "device": device, "threads": threads}
+    metric = f"memory_{mode}_bytes"
+    try:
+        out = subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(request)], capture_output=True,
+                             text=True, timeout=cfg.time_budget_s * 3 + 60)
+    except subprocess.TimeoutExpired:
+        return [{"metric": metric, "value": float("nan"), "status": "timeout"}]
+    if out.returncode != 0:
+        oom = out.returncode in (-9, 137) or "out of memory" in out.stderr.lower()
+        return [{"metric": metric, "value": float("nan"), "status": "oom" if oom else "error",
+                 "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    status = "oom" if result["peak_bytes"] > cfg.memory_budget_mb * 2**20 else "ok"
+    return [{"metric": metric, "value": float(result["peak_bytes"]), "status": status,
+             "baseline_bytes": result["baseline_bytes"], "probe": result["probe"]}]
+
+
+METRICS = ("time", "memory", "flops")
+MODES = ("forward", "train")
+
+
+def profile_point(model_name: str, model_config: dict[str, Any], n: int, metric: str, modes: list[str],
+                  cfg: ProfileConfig, device: str, threads: int) -> list[dict[str, Any]]:
+    """Rows for one (model, n, metric) point over the requested modes."""
+    torch.manual_seed(0)
+    model = models.build(model_name, **model_config).to(device)
+    rows: list[dict[str, Any]] = []
+    for mode in modes:
+        estimate = estimate_attention_bytes(model, n, cfg.batch, mode)
+        if metric != "flops" and estimate > cfg.memory_budget_mb * 2**20:
+            rows.append({"metric": f"{metric}_{mode}" + ("_s" if metric == "time" else "_bytes"),
+                         "value": float(estimate), "status": "oom", "reason": "estimated n^2 scores over budget"})
+        elif metric == "time":
+            rows += measure_time(model, n, mode, cfg, device)
+        elif metric == "flops":
+            rows += count_flops(model, n, mode, cfg, device)
+        else:
+            rows += measure_memory(model_name, model_config, n, mode, cfg, device, threads)
+    sizes = {"params": model.num_params(), "state_numel": model.state_numel(n)}
+    return [{**row, **sizes, "n": n} for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streaming
+
+
+def stream(model: torch.nn.Module, total: int, piece: int, checkpoints: list[int], device: str,
+           budget_s: float, memory_probe) -> list[dict[str, Any]]:
+    """Feed `total` tokens in pieces with the state carried (batch 1, inference mode). At each checkpoint
+    record elapsed time, tokens/s and the peak memory so far (memory_probe() -> bytes above baseline)."""
+    rows: list[dict[str, Any]] = []
+    state, seen, start = None, 0, time.perf_counter()
+    pending = sorted(checkpoints)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        while seen < total and pending:
+            size = min(piece, pending[0] - seen)
+            x = torch.randn(1, size, model.config.d_model, generator=gen).to(device)
+            _, state = model(x, state)
+            seen += size
+            sync(device)
+            elapsed = time.perf_counter() - start
+            if seen == pending[0]:
+                pending.pop(0)
+                rows += [
+                    {"n": seen, "metric": "stream_time_s", "value": elapsed, "status": "ok"},
+                    {"n": seen, "metric": "stream_tokens_per_s", "value": seen / elapsed, "status": "ok"},
+                    {"n": seen, "metric": "stream_peak_bytes", "value": float(memory_probe()), "status": "ok"},
+                ]
+            if elapsed > budget_s and pending:
+                rows.append({"n": pending[0], "metric": "stream_time_s", "value": elapsed, "status": "timeout"})
+                break
+    return rows

@@ -1,0 +1,75 @@
+"""Fits recover known exponents from noisy synthetic measurements, and the claims follow from them."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.claims import ledger
+from bench.scaling import best_class, crossover, fit_power
+
+NS = np.array([256, 512, 1024, 2048, 4096, 8192, 16384], dtype=float)
+
+
+def noisy(y, seed, level=0.03):
+    return y * np.exp(np.random.default_rng(seed).normal(0, level, len(y)))
+
+
+@pytest.mark.parametrize("name,f,exponent", [
+    ("n", lambda n: 3e-6 * n, 1.0),
+    ("n log n", lambda n: 2e-7 * n * np.log(n), 1.0 + 1 / np.log(np.sqrt(4096 * 16384))),
+    ("n^2", lambda n: 1e-9 * n * n, 2.0),
+])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_power_fit_recovers_the_exponent_within_its_interval(name, f, exponent, seed):
+    fit = fit_power(NS, noisy(f(NS), seed))
+    assert fit.ci_low - 0.05 <= exponent <= fit.ci_high + 0.05
+    assert abs(fit.exponent - exponent) < 0.15 and fit.r2 > 0.98
+    assert fit.n_min == 2048 and fit.n_max == 16384  # the upper half of the grid
+
+
+@pytest.mark.parametrize("name,f", [("n", lambda n: 5 + 3e-3 * n), ("n^2", lambda n: 1 + 1e-6 * n * n),
+                                    ("n log n", lambda n: 1e-2 * n * np.log(n)), ("1", lambda n: 7 + 0 * n)])
+def test_best_class_names_the_generating_class(name, f):
+    assert best_class(NS, noisy(f(NS), 3, level=0.005))[0] == name
+
+
+def test_crossover_is_interpolated_between_grid_points():
+    quadratic, linear = 1e-6 * NS**2, 1e-3 * NS  # equal at n = 1000
+    assert crossover(NS, linear, quadratic) == pytest.approx(1000, rel=0.01)
+    assert crossover(NS, quadratic, linear) is None
+
+
+def frame(time_of, titans_time_of=None, n=NS):
+    rows = []
+    for model, f in [("transformer", time_of), ("transformer-naive", time_of), ("lmm", titans_time_of),
+                     ("mac", titans_time_of)]:
+        if f is None:
+            continue
+        for i, value in enumerate(noisy(f(n), hash(model) % 100)):
+            rows.append({"kind": "profile", "model": model, "n": n[i], "metric": "time_forward_s", "value": value,
+                         "status": "ok", "variant": "time"})
+    return pd.DataFrame(rows)
+
+
+def verdicts(df):
+    return {(v.id, v.claim): v.verdict for v in ledger(df)}
+
+
+def test_quadratic_attention_and_linear_titans_support_c1_c3_c5():
+    v = verdicts(frame(lambda n: 1e-9 * n * n + 1e-6 * n, lambda n: 2e-5 * n))
+    assert v[("C1", "Transformer time O(n^2 d)")] == "supported"
+    assert v[("C3", "Titans time O(n d log n)")] == "supported"
+    assert v[("C5", "T_transformer / T_titans -> infinity")] == "supported"
+
+
+def test_quadratic_titans_contradict_c3_and_linear_attention_contradicts_c1():
+    v = verdicts(frame(lambda n: 1e-6 * n, lambda n: 1e-8 * n * n))
+    assert v[("C1", "Transformer time O(n^2 d)")] == "contradicted"
+    assert v[("C3", "Titans time O(n d log n)")] == "contradicted"
+    assert v[("C5", "T_transformer / T_titans -> infinity")] == "contradicted"
+
+
+def test_missing_measurements_are_not_measured_not_guessed():
+    v = verdicts(frame(lambda n: 1e-9 * n * n))
+    assert v[("C3", "Titans time O(n d log n)")] == "not measured"
+    assert v[("C10", "context windows beyond 2M tokens")] == "not measured"
