@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from bench.cells import Cell
 from bench.profile import METRICS, MODES
 from bench.runner import run_cells
 from bench.store import RunStore
+from tasks.data import DataError
 
 RESULTS_ROOT = Path("results")
 
@@ -58,6 +60,16 @@ def print_rows(frame) -> None:
         print(frame[cols].to_string(index=False))
 
 
+def prepare(cells: list[Cell]) -> None:
+    """Locate and verify every data file the cells need before any of them runs."""
+    seen = set()
+    for cell in cells:
+        key = (cell.task, json.dumps(cell.task_config, sort_keys=True, default=list))
+        if cell.task and key not in seen:
+            seen.add(key)
+            tasks.build(cell.task, **cell.task_config).prepare()
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     print("models:")
     print(f"  {'name':<18} {'params':>9} {'state@1K':>10} {'state@1M':>12} {'time':>6} {'memory':>7} streams  summary")
@@ -79,14 +91,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     device, threads = setup(args)
     train_cfg = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}.items()
                  if v is not None}
+    task_cfg = parse_assignments(args.task_arg, "--task-arg")
+    task_cfg.update({k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v})
     cell = Cell(kind="train", model=args.model, task=args.task, seed=args.seed,
-                model_config=parse_assignments(args.model_arg, "--model-arg"),
-                task_config=parse_assignments(args.task_arg, "--task-arg"), run_config=train_cfg)
+                model_config=parse_assignments(args.model_arg, "--model-arg"), task_config=task_cfg,
+                run_config=train_cfg)
     try:
         suite.expand("train", {"train": [{"task": cell.task, "models": [cell.model], "seeds": [cell.seed],
                                           "task_config": cell.task_config, "train_config": cell.run_config,
                                           "model_config": cell.model_config}]})
-    except suite.SuiteError as err:
+        prepare([cell])
+    except (suite.SuiteError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     store = RunStore(args.run_dir or new_run_dir(args.results, f"train-{args.model}-{args.task}"))
@@ -101,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     device, threads = setup(args)
     try:
         s = suite.load(args.suite)
-    except suite.SuiteError as err:
+        prepare(s.cells)
+    except (suite.SuiteError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.resume:
@@ -200,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option, repeatable")
     p.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="task option, repeatable")
+    p.add_argument("--dataset", help="timeseries: synthetic, etth1 or etth2 (same as --task-arg dataset=...)")
+    p.add_argument("--data-dir", help="folder holding data files (ETTh1.csv, tinyshakespeare.txt, ...)")
     p.add_argument("--run-dir", type=Path, help="write here instead of a new results/<run-id>")
 
     p = sub.add_parser("run", parents=[common], help="run a suite (bench/suites/NAME.toml)")

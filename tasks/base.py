@@ -52,12 +52,52 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+IGNORE = -100  # target of positions that carry no loss
+
+
+def pack(examples: list[tuple[list[int], list[bool]]], pad: int) -> Batch:
+    """Token sequences with, per token, whether the model must predict it -> next-token batch, right-padded.
+    Right padding is safe for causal models: nothing before the padding can see it."""
+    width = max(len(tokens) for tokens, _ in examples) - 1
+    inputs = torch.full((len(examples), width), pad, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for row, (tokens, answer) in enumerate(examples):
+        t = torch.tensor(tokens)
+        inputs[row, : len(t) - 1] = t[:-1]
+        targets[row, : len(t) - 1] = torch.where(torch.tensor(answer[1:]), t[1:], IGNORE)
+    return Batch(inputs, targets)
+
+
+def answer_hits(logits: Tensor, targets: Tensor) -> tuple[int, int, int]:
+    """Teacher-forced argmax over the answer positions: (exact rows, correct tokens, answer tokens).
+    Exact match this way equals greedy decoding's: both fail at the first wrong token."""
+    scored = targets != IGNORE
+    hit = (logits.argmax(-1) == targets) & scored
+    exact = int((hit.sum(1) == scored.sum(1)).sum())
+    return exact, int(hit.sum()), int(scored.sum())
+
+
+def token_loss(outputs: Tensor, batch: Batch) -> Tensor:
+    return torch.nn.functional.cross_entropy(outputs.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+
+
+def accuracy_rows(exact: int, correct: int, total: int, samples: int, **columns: Any) -> list[dict[str, Any]]:
+    low, high = wilson_interval(exact, samples)
+    return [{**columns, "samples": samples, "metric": "exact_match", "value": exact / samples, "ci_low": low,
+             "ci_high": high},
+            {**columns, "samples": samples, "metric": "token_accuracy", "value": correct / max(total, 1)}]
+
+
 class Task(ABC):
     name: str
     config: Any
 
+    def prepare(self) -> None:  # noqa: B027 (a no-op by default: most tasks have no files)
+        """Load and verify any data files now, so that a missing one fails before training starts."""
+
     @abstractmethod
-    def build_network(self, backbone: nn.Module, d_model: int) -> TaskNetwork: ...
+    def build_network(self, backbone: nn.Module, d_model: int) -> nn.Module:
+        """embed -> backbone -> head; forward(inputs, state) -> (outputs, state)."""
 
     @abstractmethod
     def train_batch(self, step: int, batch_size: int) -> Batch:
@@ -67,7 +107,7 @@ class Task(ABC):
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor: ...
 
     @abstractmethod
-    def evaluate(self, net: TaskNetwork, device: torch.device | str) -> list[dict[str, Any]]:
+    def evaluate(self, net: nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
         """Metric rows: dicts with at least metric, value and n (the swept length), plus extra columns."""
 
     def tokens(self, batch: Batch) -> int:

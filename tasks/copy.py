@@ -3,8 +3,7 @@
 order (MAD / zoology style). Train on short strings, evaluate on longer ones: that is where a fixed-size
 memory and full attention differ, above all across the attention window of the hybrids.
 
-Metrics are teacher-forced argmax over the answer (the copied tokens and EOS). Exact match under teacher
-forcing equals exact match of greedy decoding: both fail at the first wrong token.
+Metrics are teacher-forced argmax over the answer (the copied tokens and EOS); see tasks.base.answer_hits.
 """
 
 from __future__ import annotations
@@ -13,14 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.base import Batch, Task, TaskNetwork, generator, wilson_interval
+from tasks.base import Batch, Task, TaskNetwork, accuracy_rows, answer_hits, generator, pack, token_loss
 
 PAD, BOS, SEP, EOS, NOISE = 0, 1, 2, 3, 4
 FIRST_SYMBOL = 5
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -69,15 +66,7 @@ class CopyTask(Task):
         return tokens, answer
 
     def _batch(self, gen: torch.Generator, lengths: list[int]) -> Batch:
-        examples = [self._example(gen, n) for n in lengths]
-        width = max(len(t) for t, _ in examples) - 1
-        inputs = torch.full((len(examples), width), PAD, dtype=torch.long)
-        targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-        for row, (tokens, answer) in enumerate(examples):
-            t = torch.tensor(tokens)
-            inputs[row, : len(t) - 1] = t[:-1]
-            targets[row, : len(t) - 1] = torch.where(torch.tensor(answer[1:]), t[1:], IGNORE)
-        return Batch(inputs, targets)
+        return pack([self._example(gen, n) for n in lengths], PAD)
 
     def train_batch(self, step: int, batch_size: int) -> Batch:
         c = self.config
@@ -89,7 +78,7 @@ class CopyTask(Task):
         return TaskNetwork(nn.Embedding(self.vocab, d_model), backbone, nn.Linear(d_model, self.vocab))
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return F.cross_entropy(outputs.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+        return token_loss(outputs, batch)
 
     @torch.inference_mode()
     def evaluate(self, net: TaskNetwork, device: torch.device | str, chunk: int = 50) -> list[dict[str, Any]]:
@@ -100,15 +89,8 @@ class CopyTask(Task):
             for start in range(0, c.eval_samples, chunk):
                 size = min(chunk, c.eval_samples - start)
                 batch = self._batch(generator(c.data_seed, 1, length, start), [length] * size).to(device)
-                pred = net(batch.inputs)[0].argmax(-1)
-                scored = batch.targets != IGNORE
-                hit = (pred == batch.targets) & scored
-                exact += int((hit.sum(1) == scored.sum(1)).sum())
-                correct, total = correct + int(hit.sum()), total + int(scored.sum())
-            low, high = wilson_interval(exact, c.eval_samples)
-            seq_len = int(batch.inputs.shape[1])
-            base = {"n": length, "seq_len": seq_len, "samples": c.eval_samples, "variant": c.variant}
-            rows.append({**base, "metric": "exact_match", "value": exact / c.eval_samples,
-                         "ci_low": low, "ci_high": high})
-            rows.append({**base, "metric": "token_accuracy", "value": correct / total})
+                hits = answer_hits(net(batch.inputs)[0], batch.targets)
+                exact, correct, total = exact + hits[0], correct + hits[1], total + hits[2]
+            rows += accuracy_rows(exact, correct, total, c.eval_samples, n=length,
+                                  seq_len=int(batch.inputs.shape[1]), variant=c.variant)
         return rows

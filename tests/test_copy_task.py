@@ -3,8 +3,8 @@ import torch
 
 import models
 import tasks
-from tasks.base import wilson_interval
-from tasks.copy import BOS, EOS, FIRST_SYMBOL, IGNORE, NOISE, PAD, SEP
+from tasks.base import IGNORE, wilson_interval
+from tasks.copy import BOS, EOS, FIRST_SYMBOL, NOISE, PAD, SEP
 
 
 def decode(inputs, targets):
