@@ -16,7 +16,7 @@ import torch
 
 import models
 import tasks
-from bench import claims, env, suite
+from bench import claims, env, report, suite
 from bench.cells import Cell
 from bench.profile import METRICS, MODES
 from bench.runner import run_cells
@@ -89,8 +89,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     device, threads = setup(args)
-    train_cfg = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}.items()
-                 if v is not None}
+    train_cfg = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                   "val_every": args.val_every}.items() if v is not None}
     task_cfg = parse_assignments(args.task_arg, "--task-arg")
     task_cfg.update({k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v})
     cell = Cell(kind="train", model=args.model, task=args.task, seed=args.seed,
@@ -131,6 +131,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.write_json("env.json", {**env.collect(threads, device), "suite": s.name})
     ran = run_cells(s.cells, store, device, threads)
     print(f"{s.name}: {ran} cell(s) run, {len(s.cells) - ran} already done; results: {store.path}")
+    print(f"report: {report.build(store.dir)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if not (Path(args.run_dir) / "results.csv").exists():
+        print(f"error: no results.csv in {args.run_dir}: give a run folder (results/<run-id>)", file=sys.stderr)
+        return 2
+    print(f"report: {report.build(args.run_dir)}")
     return 0
 
 
@@ -196,7 +205,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,train,run,profile,claims}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,train,run,profile,claims,report}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -214,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--val-every", type=int, help="score validation every N steps and keep the best weights")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option, repeatable")
     p.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="task option, repeatable")
     p.add_argument("--dataset", help="timeseries: synthetic, etth1 or etth2 (same as --task-arg dataset=...)")
@@ -240,10 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("claims", help="the claims ledger of a run: verdicts and the numbers behind them")
     p.add_argument("run_dir", metavar="RUN_DIR")
+
+    p = sub.add_parser("report", help="rebuild report.md and the plots of a run from its results.csv")
+    p.add_argument("run_dir", metavar="RUN_DIR")
     return parser
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "run": cmd_run, "profile": cmd_profile, "claims": cmd_claims}
+COMMANDS = {"list": cmd_list, "train": cmd_train, "run": cmd_run, "profile": cmd_profile, "claims": cmd_claims,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

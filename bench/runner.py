@@ -40,6 +40,8 @@ def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[
         {"metric": "train_tokens_per_s", "value": result.tokens_per_s, "status": result.status},
         {"metric": "train_wall_s", "value": result.wall_s, "status": result.status},
     ]
+    if result.best_val is not None:
+        rows.append({"metric": "best_val_loss", "value": result.best_val, "status": result.status})
     if result.status == "ok":
         rows += [{**row, "status": "ok"} for row in task.evaluate(net, device)]
     common = {"params": backbone.num_params(), "state_numel": backbone.state_numel(1024)}

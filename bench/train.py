@@ -22,6 +22,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     time_budget_s: float | None = None  # stop early (status "ok", fewer steps) when exceeded
+    val_every: int = 0  # > 0: every so many steps score the task's validation loss; keep the best weights
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -33,6 +34,7 @@ class TrainResult:
     status: str  # "ok" or "diverged"
     steps: int
     final_loss: float
+    best_val: float | None
     wall_s: float
     tokens_per_s: float
     losses: list[float] = field(default_factory=list)
@@ -62,6 +64,7 @@ def train(
     )
     losses: list[float] = []
     tokens, start, status, step = 0, time.perf_counter(), "ok", 0
+    best_val, best_state = None, None
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
@@ -81,9 +84,17 @@ def train(
         elapsed = time.perf_counter() - start
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
+        if cfg.val_every and (step + 1) % cfg.val_every == 0:
+            val = task.validation_loss(net, device)
+            if val is not None and (best_val is None or val < best_val):
+                best_val, best_state = val, {k: v.detach().clone() for k, v in net.state_dict().items()}
+            net.train()
         if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
             break
     bar.close()
+    if best_state is not None and status == "ok":
+        net.load_state_dict(best_state)
     net.eval()
     wall = time.perf_counter() - start
-    return TrainResult(status, len(losses), losses[-1] if losses else float("nan"), wall, tokens / wall, losses)
+    final = losses[-1] if losses else float("nan")
+    return TrainResult(status, len(losses), final, best_val, wall, tokens / wall, losses)

@@ -110,5 +110,9 @@ class Task(ABC):
     def evaluate(self, net: nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
         """Metric rows: dicts with at least metric, value and n (the swept length), plus extra columns."""
 
+    def validation_loss(self, net: nn.Module, device: torch.device | str) -> float | None:
+        """A held-out loss for model selection during training; None where the task has no validation split."""
+        return None
+
     def tokens(self, batch: Batch) -> int:
         return batch.inputs.shape[0] * batch.inputs.shape[1]

@@ -19,9 +19,10 @@ from functools import cached_property
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.base import Batch, Task, TaskNetwork, accuracy_rows, answer_hits, generator, pack, token_loss
+from tasks.base import IGNORE, Batch, Task, TaskNetwork, accuracy_rows, answer_hits, generator, pack, token_loss
 from tasks.data import locate
 
 PAD, BOS, EOS, NEEDLE, SEP, END, QUERY = 256, 257, 258, 259, 260, 261, 262
@@ -44,6 +45,7 @@ class NiahConfig:
     depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
     eval_samples: int = 50  # per (length, depth) cell
     distractors: int = 0
+    lm_weight: float = 0.1  # weight of an auxiliary next-byte loss on the rest of the sequence (0: answer only)
     text_path: str | None = None  # haystack "text": any text file; default tinyshakespeare via the data finder
     data_dir: str | None = None
     data_seed: int = 0
@@ -137,7 +139,14 @@ class NiahTask(Task):
         return TaskNetwork(nn.Embedding(VOCAB, d_model), backbone, nn.Linear(d_model, VOCAB))
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return token_loss(outputs, batch)
+        """Cross-entropy on the answer, plus lm_weight x next-byte loss elsewhere: predicting a repeated
+        haystack is itself a copy-from-context problem, which grows the lookup circuits sooner."""
+        answer = token_loss(outputs, batch)
+        if not self.config.lm_weight:
+            return answer
+        nxt = batch.inputs[:, 1:].masked_fill(batch.inputs[:, 1:] == PAD, IGNORE)
+        lm = F.cross_entropy(outputs[:, :-1].flatten(0, 1), nxt.flatten(), ignore_index=IGNORE)
+        return answer + self.config.lm_weight * lm
 
     def tokens(self, batch: Batch) -> int:
         return batch.inputs.numel()

@@ -143,24 +143,47 @@ class TimeseriesTask(Task):
         return {"repeat_last": last, "seasonal_naive": seasonal}
 
     @torch.inference_mode()
+    def split_errors(self, net: nn.Module, device: torch.device | str, split: str) -> tuple[dict[str, Tensor], int]:
+        """Summed squared and absolute errors over every window of a split, for the model and the references."""
+        c = self.config
+        net.eval()
+        starts = list(self.windows(split))
+        sums = {name: torch.zeros(2, dtype=torch.float64) for name in ("model", "repeat_last", "seasonal_naive")}
+        for i in range(0, len(starts), c.eval_batch):
+            batch = self.batch_at(starts[i : i + c.eval_batch])
+            forecasts = {"model": net(batch.inputs.to(device))[0].cpu(), **self.references(batch.inputs, c.horizon)}
+            for name, pred in forecasts.items():
+                err = (pred - batch.targets).double()
+                sums[name] += torch.stack([err.pow(2).sum(), err.abs().sum()])
+        return sums, len(starts)
+
+    def validation_loss(self, net: nn.Module, device: torch.device | str) -> float:
+        sums, windows = self.split_errors(net, device, "val")
+        return float(sums["model"][0]) / (windows * self.config.horizon * self.data.shape[1])
+
     def evaluate(self, net: nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
         c = self.config
         rows = []
         for split in ("val", "test"):
-            starts = list(self.windows(split))
-            sums = {name: torch.zeros(2, dtype=torch.float64) for name in ("model", "repeat_last", "seasonal_naive")}
-            for i in range(0, len(starts), c.eval_batch):
-                batch = self.batch_at(starts[i : i + c.eval_batch])
-                forecasts = {"model": net(batch.inputs.to(device))[0].cpu(),
-                             **self.references(batch.inputs, c.horizon)}
-                for name, pred in forecasts.items():
-                    err = (pred - batch.targets).double()
-                    sums[name] += torch.stack([err.pow(2).sum(), err.abs().sum()])
-            count = len(starts) * c.horizon * self.data.shape[1]
+            sums, windows = self.split_errors(net, device, split)
+            count = windows * c.horizon * self.data.shape[1]
             for name, (sq, ab) in sums.items():
                 suffix = "" if name == "model" else f"_{name}"  # e.g. test_mse, test_mse_seasonal_naive
-                common = {"n": c.lookback, "horizon": c.horizon, "windows": len(starts),
+                common = {"n": c.lookback, "horizon": c.horizon, "windows": windows,
                           "variant": c.dataset}
                 rows.append({**common, "metric": f"{split}_mse{suffix}", "value": float(sq) / count})
                 rows.append({**common, "metric": f"{split}_mae{suffix}", "value": float(ab) / count})
-        return rows
+        return rows + self.example_rows(net, device)
+
+    @torch.inference_mode()
+    def example_rows(self, net: nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
+        """One test window of the last channel (OT for ETT) for the report's forecast plot; n is the offset in
+        time from the forecast origin (negative: the look-back)."""
+        c = self.config
+        batch = self.batch_at([self.windows("test")[len(self.windows("test")) // 2]])
+        forecast = net(batch.inputs.to(device))[0].cpu()[0, :, -1]
+        series = {"example_input": (range(-c.lookback, 0), batch.inputs[0, :, -1]),
+                  "example_target": (range(c.horizon), batch.targets[0, :, -1]),
+                  "example_forecast": (range(c.horizon), forecast)}
+        return [{"n": offset, "metric": metric, "value": float(v), "variant": c.dataset}
+                for metric, (offsets, values) in series.items() for offset, v in zip(offsets, values, strict=True)]

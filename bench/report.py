@@ -1,0 +1,176 @@
+"""report.md from a run folder's results.csv (and env.json when present): setup, model sizes, task tables,
+the scaling table, crossovers, streaming, the claims ledger, and the plots. Rebuildable at any time:
+`python -m bench report RUN_DIR` (or `make report RUN=...`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import models
+from bench import claims, plots
+from bench.scaling import best_class, crossover, fit_power
+
+PUBLISHED_ETTH1_96 = (
+    "Published ETTh1 figures, look-back 96, MSE / MAE at horizon 96, as printed in the input-96 baseline table of "
+    "TimesNet (Wu et al., ICLR 2023): DLinear 0.386 / 0.400, TimesNet 0.384 / 0.402, Autoformer 0.449 / 0.459, "
+    "Informer 0.865 / 0.713. Not measured here; shown for orientation only."
+)
+
+
+def table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
+    def fmt(v):
+        if isinstance(v, float | np.floating):
+            if np.isnan(v):
+                return ""
+            return f"{int(v):,}" if float(v).is_integer() and abs(v) >= 1000 else floatfmt.format(v)
+        return str(v)
+
+    head = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def setup_section(run_dir: Path, frame: pd.DataFrame) -> str:
+    env_path = run_dir / "env.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    keys = ["suite", "torch", "python", "cpu", "threads", "device", "gpu", "git_commit", "command"]
+    lines = [f"- **{k}**: {env[k]}" for k in keys if env.get(k) is not None]
+    status = frame.groupby("status").size().to_dict()
+    lines.append(f"- **rows**: {len(frame)} in {frame['cell_id'].nunique()} cells; status counts {status}")
+    return "## Setup\n\n" + "\n".join(lines)
+
+
+def models_section(frame: pd.DataFrame) -> str:
+    rows = []
+    for name in sorted(frame["model"].dropna().unique()):
+        if name not in models.MODELS:
+            continue
+        m = models.build(name)
+        seen = frame[(frame["model"] == name)].dropna(subset=["params"])
+        params = int(seen["params"].iloc[0]) if len(seen) else m.num_params()
+        rows.append({"model": name, "params": f"{params:,}", "state @1K": f"{m.state_numel(1024):,}",
+                     "state @1M": f"{m.state_numel(1 << 20):,}", "declared time": m.complexity.time,
+                     "declared memory": m.complexity.memory, "streams": "yes" if m.streams else "no"})
+    if not rows:
+        return ""
+    return ("## Models\n\nParameter counts (default configs of this run's cells) and recurrent state sizes in numbers "
+            "per sequence (a KV cache grows with n; Titans memory does not).\n\n" + table(pd.DataFrame(rows)))
+
+
+def accuracy_section(frame: pd.DataFrame, task: str, title: str) -> str:
+    rows = frame[(frame["task"] == task) & (frame["metric"] == "exact_match") & (frame["status"] == "ok")]
+    if rows.empty:
+        return ""
+    agg = rows.groupby(["model", "n"]).agg(em=("value", "mean"), lo=("ci_low", "mean"), hi=("ci_high", "mean"))
+    cells = agg.apply(lambda r: f"{r.em:.2f} [{r.lo:.2f}, {r.hi:.2f}]", axis=1).unstack("n")
+    cells.columns = [f"n={int(c)}" for c in cells.columns]
+    failed = frame[(frame["task"] == task) & frame["status"].isin(["diverged", "oom", "error", "timeout"])]
+    note = ""
+    if len(failed):
+        firsts = failed.groupby("model")["status"].first().items()
+        note = "\n\nNot finished: " + ", ".join(f"{m} ({s})" for m, s in firsts)
+    return (f"## {title}\n\nExact match of the whole answer with its 95 % Wilson interval (averaged over depths for "
+            f"niah).\n\n" + table(cells.reset_index()) + note)
+
+
+def timeseries_section(frame: pd.DataFrame) -> str:
+    rows = frame[(frame["task"] == "timeseries") & frame["metric"].str.startswith("test_") & (frame["status"] == "ok")]
+    if rows.empty:
+        return ""
+    wide = rows.pivot_table(index=["variant", "model"], columns="metric", values="value", aggfunc="mean")
+    out = []
+    for (dataset, model), r in wide.iterrows():
+        out.append({"dataset": dataset, "forecaster": model, "MSE": r.get("test_mse"), "MAE": r.get("test_mae")})
+    for dataset, r in wide.groupby(level="variant").first().iterrows():
+        for ref in ("seasonal_naive", "repeat_last"):
+            out.append({"dataset": dataset, "forecaster": f"({ref.replace('_', '-')})",
+                        "MSE": r.get(f"test_mse_{ref}"), "MAE": r.get(f"test_mae_{ref}")})
+    text = ("## Forecasting\n\nTest split, every window, normalised space (train statistics); references computed on "
+            "the same windows by the task itself.\n\n" + table(pd.DataFrame(out)))
+    if "etth1" in set(rows["variant"]):
+        text += "\n\n" + PUBLISHED_ETTH1_96
+    return text
+
+
+def scaling_section(frame: pd.DataFrame) -> str:
+    rows = []
+    for metric in plots.SCALING_METRICS:
+        for model, group in frame[(frame["metric"] == metric) & (frame["status"] == "ok")].groupby("model"):
+            s = group.groupby("n")["value"].median().sort_index()
+            f = fit_power(s.index.to_numpy(), s.to_numpy())
+            if f is None:
+                continue
+            rows.append({"metric": metric, "model": model, "exponent": f"{f.exponent:.2f}",
+                         "95% CI": f"[{f.ci_low:.2f}, {f.ci_high:.2f}]", "R²": f"{f.r2:.3f}",
+                         "fit range": f"{f.n_min}..{f.n_max}",
+                         "best class": best_class(s.index.to_numpy(), s.to_numpy())[0]})
+    if not rows:
+        return ""
+    return ("## Scaling\n\nLog-log least squares over the upper half of the measured lengths; best class among "
+            "1, log n, n, n log n, n² by relative error over all lengths. FLOPs count attention as the full n×n "
+            "product (the counter ignores causal masking, for both backends).\n\n" + table(pd.DataFrame(rows))
+            + "\n\n" + crossover_section(frame))
+
+
+def crossover_section(frame: pd.DataFrame) -> str:
+    rows = []
+    for metric in ("time_forward_s", "time_train_s", "memory_train_bytes"):
+        ok = frame[(frame["metric"] == metric) & (frame["status"] == "ok")]
+        base = ok[ok["model"] == "transformer"].groupby("n")["value"].median()
+        for model in claims.TITANS:
+            t = ok[ok["model"] == model].groupby("n")["value"].median()
+            common = base.index.intersection(t.index)
+            if len(common) < 2:
+                continue
+            cross = crossover(common.to_numpy(), t[common].to_numpy(), base[common].to_numpy())
+            top = common.max()
+            rows.append({"metric": metric, "model": model, "vs": "transformer (sdpa)",
+                         "crossover n": f"{cross:,.0f}" if cross else f"none up to {int(top):,}",
+                         "transformer / model at the largest n": f"{base[top] / t[top]:.2f} (n={int(top):,})"})
+    if not rows:
+        return ""
+    return "Crossover: the length from which the Titans model is cheaper than the Transformer.\n\n" + \
+        table(pd.DataFrame(rows).fillna(""))
+
+
+def streaming_section(frame: pd.DataFrame) -> str:
+    rows = frame[frame["kind"] == "stream"]
+    if rows.empty:
+        return ""
+    wide = rows.pivot_table(index=["model", "n"], columns="metric", values="value", aggfunc="mean").reset_index()
+    wide["peak MiB"] = wide.get("stream_peak_bytes", np.nan) / 2**20
+    cols = [c for c in ("model", "n", "stream_time_s", "stream_tokens_per_s", "peak MiB") if c in wide]
+    stopped = rows[rows["status"] != "ok"]
+    note = "".join(f"\n\n{m} stopped before n={int(n):,}: {s}" for m, n, s in
+                   zip(stopped["model"], stopped["n"], stopped["status"], strict=True))
+    return ("## Streaming\n\nBatch 1, inference mode, pieces with the state carried; peak memory above the process "
+            "baseline so far.\n\n" + table(wide[cols]) + note)
+
+
+def claims_section(frame: pd.DataFrame) -> str:
+    verdicts = claims.ledger(frame)
+    rows = pd.DataFrame([{"id": v.id, "claim": v.claim, "verdict": f"**{v.verdict}**", "evidence": v.evidence}
+                         for v in verdicts])
+    return ("## Claims ledger\n\nEach verdict is computed from this run's rows by the rule stated in its evidence "
+            "(bench/claims.py).\n\n" + table(rows))
+
+
+def build(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    frame = pd.read_csv(run_dir / "results.csv")
+    pictures = plots.all_plots(frame, run_dir / "plots")
+    sections = [f"# titans-bench report — {run_dir.name}", setup_section(run_dir, frame), models_section(frame),
+                accuracy_section(frame, "copy", "Copy"), accuracy_section(frame, "niah", "Needle in a haystack"),
+                timeseries_section(frame), scaling_section(frame), streaming_section(frame), claims_section(frame)]
+    if pictures:
+        sections.append("## Plots\n\n" + "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in pictures))
+    out = run_dir / "report.md"
+    tmp = run_dir / ".report.md.tmp"
+    tmp.write_text("\n\n".join(s for s in sections if s) + "\n")
+    tmp.replace(out)
+    return out
