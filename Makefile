@@ -19,7 +19,8 @@ bench: $(VENV)/.installed
 	$(PY) -m bench run --suite $(SUITE)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	mkdir -p results/ci-scaling
+	$(PY) -m pytest --benchmark-json=results/ci-scaling/benchmark.json
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -16,7 +16,7 @@ import torch
 
 import models
 import tasks
-from bench import claims, env, report, suite
+from bench import claims, compare, env, report, suite
 from bench.cells import Cell
 from bench.profile import METRICS, MODES
 from bench.runner import run_cells
@@ -135,6 +135,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    frames = []
+    for run in (args.run_a, args.run_b):
+        path = Path(run) / "results.csv"
+        if not path.exists():
+            print(f"error: {path} not found: give two run folders", file=sys.stderr)
+            return 2
+        frames.append(pd.read_csv(path))
+    print(compare.compare(*frames, threshold=args.threshold))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     if not (Path(args.run_dir) / "results.csv").exists():
         print(f"error: no results.csv in {args.run_dir}: give a run folder (results/<run-id>)", file=sys.stderr)
@@ -205,7 +217,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,train,run,profile,claims,report}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,train,run,profile,claims,compare,report}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -251,13 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("claims", help="the claims ledger of a run: verdicts and the numbers behind them")
     p.add_argument("run_dir", metavar="RUN_DIR")
 
+    p = sub.add_parser("compare", help="what moved between two runs: exponents, accuracies, cost ratios")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("--threshold", type=float, default=0.05, help="smallest change shown (default 0.05)")
+
     p = sub.add_parser("report", help="rebuild report.md and the plots of a run from its results.csv")
     p.add_argument("run_dir", metavar="RUN_DIR")
     return parser
 
 
 COMMANDS = {"list": cmd_list, "train": cmd_train, "run": cmd_run, "profile": cmd_profile, "claims": cmd_claims,
-            "report": cmd_report}
+            "compare": cmd_compare, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
