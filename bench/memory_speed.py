@@ -1,0 +1,116 @@
+"""Speed of one neural-memory layer: tokens/s of forward (inference) and forward + backward, achieved
+GFLOP/s (FlopCounterMode) against a matmul peak measured in the same process, and optionally lucidrains'
+titans-pytorch NeuralMemory side by side (`pip install titans-bench[compare]`).
+
+What each computes: ours follows the paper (gradients anchored at every chunk start, per-token gates,
+reads after each token's write); titans-pytorch takes every inner gradient at the call's initial weights
+unless a batch size is set, pools the gates per chunk and reads chunk-end weights only.
+
+    python -m bench.memory_speed --lengths 1024,4096,16384 --chunks 16,64 --threads 2 --titans-pytorch
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.neural_memory import MemoryConfig, NeuralMemory
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def ours(dim: int, heads: int, depth: int, chunk: int) -> torch.nn.Module:
+    layer = NeuralMemory(dim, MemoryConfig(n_heads=heads, depth=depth, chunk=chunk, expansion=2.0))
+    return _Wrap(lambda x: layer(x)[0], layer)
+
+
+def titans_pytorch(dim: int, heads: int, depth: int, chunk: int) -> torch.nn.Module:
+    from titans_pytorch import NeuralMemory as TPMemory  # optional extra
+
+    layer = TPMemory(dim=dim, chunk_size=chunk, heads=heads, dim_head=dim // heads,
+                     default_model_kwargs={"depth": depth, "expansion_factor": 2.0})
+    return _Wrap(lambda x: layer(x)[0], layer)
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, fn: Callable, module: torch.nn.Module):
+        super().__init__()
+        self.fn, self.module = fn, module
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def timed(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(layer: torch.nn.Module, batch: int, n: int, dim: int, repeats: int) -> dict[str, float]:
+    x = torch.randn(batch, n, dim)
+
+    def forward():
+        with torch.inference_mode():
+            layer(x)
+
+    def train():
+        xg = x.clone().requires_grad_(True)
+        layer(xg).square().mean().backward()
+        layer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    t_fwd, t_train = timed(forward, repeats), timed(train, repeats)
+    return {"fwd_tok_s": batch * n / t_fwd, "train_tok_s": batch * n / t_train,
+            "fwd_gflops": counter.get_total_flops() / t_fwd / 1e9}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.memory_speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="1024,4096,16384")
+    p.add_argument("--chunks", default="16,64")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--titans-pytorch", action="store_true", help="also measure titans-pytorch's NeuralMemory")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    peak = matmul_peak_gflops()
+    print(f"threads {args.threads}, batch {args.batch}, D {args.dim}, heads {args.heads}, depth {args.depth}; "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s")
+    impls = {"ours": ours} | ({"titans-pytorch": titans_pytorch} if args.titans_pytorch else {})
+    header = ("impl", "chunk", "n", "fwd tok/s", "fwd+bwd tok/s", "fwd GFLOP/s", "% peak")
+    print("{:<15} {:>5} {:>6} {:>11} {:>14} {:>12} {:>7}".format(*header))
+    for chunk in (int(c) for c in args.chunks.split(",")):
+        for n in (int(v) for v in args.lengths.split(",")):
+            for name, make in impls.items():
+                r = measure(make(args.dim, args.heads, args.depth, chunk), args.batch, n, args.dim, args.repeats)
+                print(f"{name:<15} {chunk:>5} {n:>6} {r['fwd_tok_s']:>11,.0f} {r['train_tok_s']:>14,.0f} "
+                      f"{r['fwd_gflops']:>12.1f} {100 * r['fwd_gflops'] / peak:>6.1f}%", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
