@@ -114,6 +114,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     device, threads = setup(args)
+    if args.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("error: --executor ray needs Ray: pip install '.[ray]'", file=sys.stderr)
+            return 2
     try:
         s = suite.load(args.suite)
         prepare(s.cells)
@@ -129,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = new_run_dir(args.results, s.name)
     store = RunStore(run_dir)
     store.write_json("env.json", {**env.collect(threads, device), "suite": s.name})
-    ran = run_cells(s.cells, store, device, threads)
+    ran = run_cells(s.cells, store, device, threads, executor=args.executor, address=args.address)
     print(f"{s.name}: {ran} cell(s) run, {len(s.cells) - ran} already done; results: {store.path}")
     print(f"report: {report.build(store.dir)}")
     return 0
@@ -245,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="run a suite (bench/suites/NAME.toml)")
     p.add_argument("--suite", default="quick", help=f"suite name ({', '.join(suite.available())}) or a .toml path")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run: cells already stored are skipped")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one cell after another here; ray: cells as Ray tasks (pip install .[ray])")
+    p.add_argument("--address", help="Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
 
     p = sub.add_parser("profile", parents=[common], help="time / memory / FLOPs of models against n")
     p.add_argument("--models", type=parse_choices(models.names(), "model"), default=["transformer", "lmm"],

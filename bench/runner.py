@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import tasks
 from bench.cells import Cell
 from bench.dynamics import run_dynamics
 from bench.profile import ProfileConfig, profile_point
+from bench.ray_executor import run_on_ray
 from bench.store import RunStore
 from bench.train import TrainConfig, train
 from models.registry import make_config
@@ -90,23 +92,41 @@ def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> li
     return [{**identity, **row} for row in rows]
 
 
-def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, progress: bool = True) -> int:
-    """Run the cells the store does not hold yet; returns how many ran."""
+def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, progress: bool = True,
+              executor: str = "local", address: str | None = None) -> int:
+    """Run the cells the store does not hold yet, locally (one after another) or on Ray; returns how many ran.
+    Cells of one profile series run in order of n: once a point runs out of memory or time, larger n of the
+    same series are recorded as `skipped` without running."""
     done = store.done_cells()
     todo = [c for c in cells if c.id not in done]
-    failed_at: dict[str, int] = {}  # profile series -> smallest n that ran out of memory or time
-    bar = tqdm(todo, desc="cells", disable=not progress, dynamic_ncols=True)
-    for cell in bar:
-        bar.set_description(cell.label)
-        series = cell.series
+    queues: dict[str, deque] = {}
+    for cell in todo:
+        queues.setdefault(cell.series or cell.id, deque()).append(cell)
+    failed_at: dict[str, int] = {}
+    bar = tqdm(total=len(todo), desc="cells", disable=not progress, dynamic_ncols=True)
+
+    def skipped(cell: Cell) -> list[dict[str, Any]] | None:
         n = cell.run_config.get("n")
-        if series and series in failed_at and n > failed_at[series]:
-            rows = [{"kind": cell.kind, "model": cell.model, "n": n, "metric": cell.run_config.get("metric", ""),
+        if cell.series in failed_at and n > failed_at[cell.series]:
+            return [{"kind": cell.kind, "model": cell.model, "n": n, "metric": cell.run_config.get("metric", ""),
                      "value": float("nan"), "status": "skipped", "config": cell.as_dict(),
-                     "reason": f"a smaller n ({failed_at[series]}) exceeded its budget"}]
-        else:
-            rows = run_cell(cell, device, threads, progress)
-        if series and any(r.get("status") in ("oom", "timeout", "skipped") for r in rows):
-            failed_at[series] = min(failed_at.get(series, n), n)
+                     "reason": f"a smaller n ({failed_at[cell.series]}) exceeded its budget"}]
+        return None
+
+    def settle(cell: Cell, rows: list[dict[str, Any]]) -> None:
+        if cell.series and any(r.get("status") in ("oom", "timeout", "skipped") for r in rows):
+            n = cell.run_config["n"]
+            failed_at[cell.series] = min(failed_at.get(cell.series, n), n)
         store.append(cell.id, rows)
+        bar.update(1)
+
+    if executor == "ray":
+        run_on_ray(queues, skipped, settle, device, threads, address)
+    else:
+        for queue in queues.values():
+            while queue:
+                cell = queue.popleft()
+                bar.set_description(cell.label)
+                settle(cell, skipped(cell) or run_cell(cell, device, threads, progress))
+    bar.close()
     return len(todo)

@@ -1,0 +1,67 @@
+"""Cells on a Ray cluster. Each cell is one Ray task; the driver alone writes the store, as results arrive.
+
+- Resources: a cell asks for `threads` CPUs (and a GPU on `--device cuda`); timing and memory cells ask for
+  every CPU of the smallest node, so that nothing else runs beside a measurement.
+- Order: cells of one profile series (a model and metric over n) run one after another, so a budget failure
+  still skips the larger n; different series and training cells run in parallel.
+- Faults: a worker that dies mid-cell is retried by Ray (`max_retries`); a cell that still fails becomes an
+  `error` row. Rows reach the store only once, from the driver; an interrupted driver resumes from the store.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from bench.cells import Cell
+
+MAX_RETRIES = 2
+
+
+def run_cell_remote(cell: dict[str, Any], device: str, threads: int) -> list[dict[str, Any]]:
+    import torch
+
+    from bench.runner import run_cell
+
+    torch.set_num_threads(threads)
+    return run_cell(Cell(**cell), device, threads, progress=False)
+
+
+def exclusive(cell: Cell) -> bool:
+    return cell.kind == "stream" or (cell.kind == "profile" and cell.run_config.get("metric") in ("time", "memory"))
+
+
+def run_on_ray(queues: dict[str, deque], skipped: Callable[[Cell], list | None],
+               settle: Callable[[Cell, list], None], device: str, threads: int, address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    node_cpus = min(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    remote = ray.remote(max_retries=MAX_RETRIES)(run_cell_remote)
+    in_flight: dict[Any, tuple[str, Cell]] = {}
+
+    def submit(key: str) -> None:
+        q = queues[key]
+        while q and (rows := skipped(q[0])) is not None:
+            settle(q.popleft(), rows)
+        if q:
+            cell = q.popleft()
+            cpus = node_cpus if exclusive(cell) else min(threads, node_cpus)
+            options = {"num_cpus": cpus, "num_gpus": 1 if device.startswith("cuda") else 0}
+            in_flight[remote.options(**options).remote(cell.as_dict(), device, threads)] = (key, cell)
+
+    for key in list(queues):
+        submit(key)
+    while in_flight:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        key, cell = in_flight.pop(ready[0])
+        try:
+            rows = ray.get(ready[0])
+        except ray.exceptions.RayError as err:
+            rows = [{"kind": cell.kind, "model": cell.model, "task": cell.task, "metric": "status",
+                     "value": float("nan"), "status": "error", "config": cell.as_dict(),
+                     "error": f"failed on Ray after {MAX_RETRIES} retries: {type(err).__name__}"}]
+        settle(cell, rows)
+        submit(key)
