@@ -26,6 +26,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 report: $(VENV)/.installed
+	@test -n "$(RUN)" || (echo "usage: make report RUN=results/<run-id>" && exit 2)
 	$(PY) -m bench report $(RUN)
 
 clean-venv:

@@ -1,13 +1,15 @@
 """CI gate on scaling: every registered model, a small grid of n in one process. It asserts FLOP exponents,
-forward-time exponents and the time ratio to the Transformer at one n: exponents and ratios measured in the
-same run, never absolute times. Two self-tests prove it bites: a masked n x n window attention and a
-token-loop memory must both fail it. pytest-benchmark records each model's forward at n = 2048
+forward-time exponents, the time ratio to the Transformer at one n, and the number of dispatched kernels per
+token (deterministic: a per-token Python loop dispatches ~100, the chunked forms at most 16): exponents,
+ratios and counts from the same run, never absolute times. Two self-tests prove it bites: a masked n x n
+window attention and a token-loop memory must both fail it. pytest-benchmark records each model's forward at n = 2048
 (`make test` writes the JSON under results/ci-scaling/)."""
 
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from bench.profile import ProfileConfig, count_flops, make_input, measure_time, step
@@ -17,10 +19,28 @@ from models import attention
 FLOP_LENGTHS = (512, 1024, 2048, 4096)
 TIME_LENGTHS = (1024, 2048, 4096)
 RATIO_N = 2048
-MAX_RATIO = 30.0  # a linear model may be slower than sdpa attention at 2K by a constant, not by a Python loop
+MAX_RATIO = 30.0  # a linear model may be slower than sdpa attention at 2K by a constant, not by far more
+MAX_OPS_PER_TOKEN = 30.0
 CFG = ProfileConfig(repeats=3, warmup=1)
 
 pytestmark = pytest.mark.slow
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_token(model, n: int = 1024) -> float:
+    x = make_input(model, 1, n, "cpu")
+    with torch.inference_mode(), OpCounter() as counter:
+        model(x)
+    return counter.ops / n
 
 
 def exponent(lengths, values) -> float:
@@ -40,6 +60,8 @@ def check_scaling(model, transformer_time: float) -> dict:
         assert info["flop_exponent"] > 1.6, info
         return info
     assert info["flop_exponent"] < 1.15, info
+    info["ops_per_token"] = ops_per_token(model)
+    assert info["ops_per_token"] < MAX_OPS_PER_TOKEN, info
     times = [measure_time(model, n, "forward", CFG, "cpu")[0]["value"] for n in TIME_LENGTHS]
     info["time_exponent"] = exponent(TIME_LENGTHS, times)
     info["ratio_to_transformer"] = times[TIME_LENGTHS.index(RATIO_N)] / transformer_time
@@ -71,7 +93,7 @@ def test_gate_fails_when_window_attention_builds_the_full_matrix(monkeypatch, tr
 
 
 def test_gate_fails_when_the_memory_runs_as_a_token_loop(transformer_time):
-    with pytest.raises(AssertionError, match="ratio_to_transformer"):
+    with pytest.raises(AssertionError, match="ops_per_token"):
         check_scaling(models.build("lmm", memory_path="reference"), transformer_time)
 
 
