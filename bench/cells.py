@@ -11,7 +11,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Cell:
-    kind: str  # "train" (more kinds join with the profilers)
+    kind: str  # "train", "profile", "stream" or "dynamics" (see RUNNERS in bench/runner.py)
     model: str
     task: str = ""
     seed: int = 0

@@ -17,6 +17,7 @@ from bench.store import COLUMNS
 ATTENTION = ("transformer", "transformer-naive")
 TITANS = ("lmm", "mac", "mag", "mal")
 NOT_MEASURED = "not measured"
+STREAM_REFERENCE = 256_000  # streaming memory is compared from here on (below, allocator warm-up dominates)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def c1(frame):
 def c2_for(model: str):
     def rule(frame):
         found = {m: f for m, f in ((f"{model} {k}", fit(frame, model, k)) for k in
-                                   ("memory_forward_bytes", "memory_train_bytes")) if f}
+                                   ("memory_forward_bytes", "memory_train_bytes")) if f}  # the larger decides
         if not found:
             return NOT_MEASURED, f"no memory rows for {model}"
         top = max(f.exponent for f in found.values())
@@ -98,12 +99,14 @@ def c4(frame):
     if not found and stream.empty:
         return NOT_MEASURED, "no Titans memory rows"
     worst = max((f.exponent for f in found.values()), default=0.0)
-    flat = stream.iloc[-1] / stream.iloc[0] if len(stream) >= 2 else float("nan")
+    ref = stream[stream.index >= STREAM_REFERENCE]
+    flat = ref.iloc[-1] / ref.iloc[0] if len(ref) >= 2 else float("nan")
     ok = worst <= 1.25 and (np.isnan(flat) or flat <= 1.1)
     verdict = "supported" if ok else "contradicted" if worst > 1.5 else "inconclusive"
     text = f"training peak-memory exponent (rule: <= 1.25) — {describe(found)}"
-    if len(stream) >= 2:
-        text += f"; streaming peak at n={stream.index[-1]:,} / at n={stream.index[0]:,} = {flat:.2f} (rule: <= 1.1)"
+    if len(ref) >= 2:
+        text += (f"; streaming peak at n={int(ref.index[-1]):,} / at n={int(ref.index[0]):,} = {flat:.2f} "
+                 "(rule: <= 1.1)")
     return verdict, text
 
 
@@ -153,17 +156,19 @@ def c6(frame):
 
 
 def c7(frame):
-    parts, values = [], {}
+    """The seed update must work as a memory rule: lower the inner loss by at least 10 % over the stream, as
+    the paper's rule does."""
+    parts, ratio = [], {}
     for rule in ("seed", "seed_corrected", "titans"):
         loss = dynamics(frame, f"stationary/{rule}", "inner_loss")
         if not loss.empty:
-            values[rule] = loss.iloc[-1] / loss.iloc[0]
-            parts.append(f"{rule}: inner loss {loss.iloc[0]:.3g} -> {loss.iloc[-1]:.3g}")
-    if "seed" not in values:
+            ratio[rule] = loss.iloc[-1] / loss.iloc[0]
+            parts.append(f"{rule}: inner loss {loss.iloc[0]:.3g} -> {loss.iloc[-1]:.3g} ({ratio[rule]:.2f}x)")
+    if "seed" not in ratio:
         return NOT_MEASURED, "no seed-rule dynamics rows"
-    verdict = "contradicted" if values["seed"] > 1 else "supported"
-    return verdict, "update as written (+beta grad) is gradient ascent (rule: its inner loss must fall) — " + \
-        "; ".join(parts)
+    verdict = "supported" if ratio["seed"] <= 0.9 else "contradicted" if ratio["seed"] > 0.95 else "inconclusive"
+    return verdict, ("as written (+beta grad, alpha = sigmoid(<grad, k>) ~ 0.5 wipes half the memory each token) "
+                     "(rule: the loss must fall by >= 10 %) — " + "; ".join(parts))
 
 
 def c8(frame):
@@ -215,7 +220,7 @@ def c10(frame):
     if peak.empty:
         return NOT_MEASURED, "no streaming rows"
     longest = int(peak.index.max())
-    ref = peak[peak.index >= 256_000]
+    ref = peak[peak.index >= STREAM_REFERENCE]
     seconds = time_s.get(longest, float("nan"))
     text = f"LMM streamed {longest:,} tokens in {seconds:.0f} s, peak {peak.iloc[-1] / 2**20:.0f} MiB"
     if len(ref) >= 2:

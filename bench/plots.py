@@ -82,8 +82,8 @@ def accuracy_vs_length(frame: pd.DataFrame, task: str, out: Path) -> Path | None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for model, group in rows.groupby("model"):
         g = group.groupby("n").agg(value=("value", "mean"), lo=("ci_low", "mean"), hi=("ci_high", "mean"))
-        ax.errorbar(g.index, g["value"], yerr=[g["value"] - g["lo"], g["hi"] - g["value"]], marker="o", capsize=3,
-                    label=model)
+        yerr = [(g["value"] - g["lo"]).clip(lower=0), (g["hi"] - g["value"]).clip(lower=0)]
+        ax.errorbar(g.index, g["value"], yerr=yerr, marker="o", capsize=3, label=model)
     ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="length n" + (" (copied tokens)" if task == "copy" else ""),
            ylabel="exact match (95 % Wilson CI)", title=f"{task}: accuracy vs length")
     ax.grid(True, alpha=0.3)

@@ -13,6 +13,7 @@ import pandas as pd
 import models
 from bench import claims, plots
 from bench.scaling import best_class, crossover, fit_power
+from tasks.base import wilson_interval
 
 PUBLISHED_ETTH1_96 = (
     "Published ETTh1 figures, look-back 96, MSE / MAE at horizon 96, as printed in the input-96 baseline table of "
@@ -63,19 +64,27 @@ def models_section(frame: pd.DataFrame) -> str:
 
 
 def accuracy_section(frame: pd.DataFrame, task: str, title: str) -> str:
-    rows = frame[(frame["task"] == task) & (frame["metric"] == "exact_match") & (frame["status"] == "ok")]
+    rows = frame[(frame["task"] == task) & (frame["metric"] == "exact_match") & (frame["status"] == "ok")].copy()
     if rows.empty:
         return ""
-    agg = rows.groupby(["model", "n"]).agg(em=("value", "mean"), lo=("ci_low", "mean"), hi=("ci_high", "mean"))
-    cells = agg.apply(lambda r: f"{r.em:.2f} [{r.lo:.2f}, {r.hi:.2f}]", axis=1).unstack("n")
+    rows["samples"] = rows["extra"].map(lambda e: json.loads(e).get("samples", 0) if isinstance(e, str) else 0)
+    rows["hits"] = rows["value"] * rows["samples"]
+    pooled = rows.groupby(["model", "n"])[["hits", "samples"]].sum()
+
+    def cell(r) -> str:
+        lo, hi = wilson_interval(round(r.hits), int(r.samples))
+        return f"{r.hits / r.samples:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    cells = pooled.apply(cell, axis=1).unstack("n")
     cells.columns = [f"n={int(c)}" for c in cells.columns]
     failed = frame[(frame["task"] == task) & frame["status"].isin(["diverged", "oom", "error", "timeout"])]
     note = ""
     if len(failed):
         firsts = failed.groupby("model")["status"].first().items()
         note = "\n\nNot finished: " + ", ".join(f"{m} ({s})" for m, s in firsts)
-    return (f"## {title}\n\nExact match of the whole answer with its 95 % Wilson interval (averaged over depths for "
-            f"niah).\n\n" + table(cells.reset_index()) + note)
+    pooled_note = " (pooled over needle depths)" if task == "niah" else ""
+    return (f"## {title}\n\nExact match of the whole answer with its 95 % Wilson interval{pooled_note}.\n\n"
+            + table(cells.reset_index()) + note)
 
 
 def timeseries_section(frame: pd.DataFrame) -> str:
