@@ -69,9 +69,12 @@ def accuracy_section(frame: pd.DataFrame, task: str, title: str) -> str:
         return ""
     rows["samples"] = rows["extra"].map(lambda e: json.loads(e).get("samples", 0) if isinstance(e, str) else 0)
     rows["hits"] = rows["value"] * rows["samples"]
-    pooled = rows.groupby(["model", "n"])[["hits", "samples"]].sum()
+    pooled = rows.groupby(["model", "n"]).agg(hits=("hits", "sum"), samples=("samples", "sum"),
+                                               value=("value", "mean"))
 
     def cell(r) -> str:
+        if not r.samples:
+            return f"{r.value:.2f}"
         lo, hi = wilson_interval(round(r.hits), int(r.samples))
         return f"{r.hits / r.samples:.2f} [{lo:.2f}, {hi:.2f}]"
 
