@@ -33,7 +33,7 @@ class ProfileConfig:
     batch: int = 1
     repeats: int = 3
     warmup: int = 1
-    memory_budget_mb: float = 6000.0  # points estimated or measured above it are recorded as `oom`
+    memory_budget_mb: float = 10000.0  # points estimated or measured above it are recorded as `oom`
     time_budget_s: float = 30.0  # one step slower than this is recorded as `timeout`
 
 
@@ -76,13 +76,13 @@ def step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> None:
 
 
 def estimate_attention_bytes(model: torch.nn.Module, n: int, batch: int, mode: str) -> int:
-    """Bytes of materialised n x n scores (naive full attention only), to refuse a point before it swaps."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, AttentionMixer) and module.backend == "naive" and module.window is None:
-            matrices = 2 if mode == "forward" else 4  # scores and probabilities; kept for backward too
-            total += matrices * batch * module.n_heads * n * n * 4
-    return total
+    """Bytes of materialised n x n scores (naive full attention only), to refuse a point before it swaps.
+    Inference frees each layer's scores before the next layer; training keeps every layer's for backward."""
+    per_layer = [4 * batch * m.n_heads * n * n * (2 if mode == "forward" else 4) for m in model.modules()
+                 if isinstance(m, AttentionMixer) and m.backend == "naive" and m.window is None]
+    if not per_layer:
+        return 0
+    return max(per_layer) if mode == "forward" else sum(per_layer)
 
 
 def measure_time(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, device: str) -> list[dict[str, Any]]:

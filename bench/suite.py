@@ -61,27 +61,7 @@ def expand(name: str, data: dict[str, Any]) -> Suite:
     if unknown:
         raise SuiteError(f"suite {name!r}: unknown keys {sorted(unknown)}; valid: {sorted(TOP_KEYS)}")
     shared = data.get("model_config", {})
-    cells = []
-    for i, entry in enumerate(data.get("train", [])):
-        where = f"suite {name!r}, [[train]] #{i + 1}"
-        bad = set(entry) - TRAIN_KEYS
-        if bad or "task" not in entry or "models" not in entry:
-            raise SuiteError(f"{where}: needs task and models; unknown keys {sorted(bad)}; valid {sorted(TRAIN_KEYS)}")
-        try:
-            tasks.build(entry["task"], **entry.get("task_config", {}))
-            make_config(TrainConfig, entry.get("train_config", {}), "train")
-            for model in entry["models"]:
-                models.build(model, **_model_config(shared, entry.get("model_config", {}), model))
-        except (KeyError, ValueError, TypeError) as err:
-            raise SuiteError(f"{where}: {err}") from err
-        for model in entry["models"]:
-            for seed in entry.get("seeds", [0]):
-                cells.append(Cell(
-                    kind="train", model=model, task=entry["task"], seed=int(seed),
-                    model_config=_model_config(shared, entry.get("model_config", {}), model),
-                    task_config=dict(entry.get("task_config", {})),
-                    run_config=dict(entry.get("train_config", {})),
-                ))
+    cells = train_cells(name, shared, data.get("train", []))
     cells += profile_cells(name, shared, data.get("profile", []))
     cells += stream_cells(name, shared, data.get("stream", []))
     cells += dynamics_cells(name, data.get("dynamics", []))
@@ -104,6 +84,24 @@ def _models(where: str, shared: dict[str, Any], entry: dict[str, Any]) -> list[t
             raise SuiteError(f"{where}: {err}") from err
         out.append((model, cfg))
     return out
+
+
+def train_cells(name: str, shared: dict[str, Any], entries: list[dict[str, Any]]) -> list[Cell]:
+    cells = []
+    for i, entry in enumerate(entries):
+        where = f"suite {name!r}, [[train]] #{i + 1}"
+        _check(where, entry, TRAIN_KEYS, {"task", "models"})
+        try:
+            tasks.build(entry["task"], **entry.get("task_config", {}))
+            make_config(TrainConfig, entry.get("train_config", {}), "train")
+        except (KeyError, ValueError, TypeError) as err:
+            raise SuiteError(f"{where}: {err}") from err
+        for model, cfg in _models(where, shared, entry):
+            for seed in entry.get("seeds", [0]):
+                cells.append(Cell(kind="train", model=model, task=entry["task"], seed=int(seed), model_config=cfg,
+                                  task_config=dict(entry.get("task_config", {})),
+                                  run_config=dict(entry.get("train_config", {}))))
+    return cells
 
 
 def profile_cells(name: str, shared: dict[str, Any], entries: list[dict[str, Any]]) -> list[Cell]:
