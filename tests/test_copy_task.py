@@ -46,7 +46,7 @@ def test_batches_are_deterministic_per_step_and_differ_across_steps():
     task = tasks.build("copy")
     a, b, c = task.train_batch(7, 8), task.train_batch(7, 8), task.train_batch(8, 8)
     assert torch.equal(a.inputs, b.inputs)
-    assert not torch.equal(a.inputs, c.inputs) if a.inputs.shape == c.inputs.shape else True
+    assert a.inputs.shape != c.inputs.shape or not torch.equal(a.inputs, c.inputs)
 
 
 def test_eval_data_differs_from_training_data_seed_stream():
