@@ -55,43 +55,42 @@ class MemoryConfig:
     rule: str = "titans"  # "titans", or the seed paper's update as written ("seed") or sign-corrected
     seed_gamma: float = 1.0  # seed rule: beta_t = exp(-gamma ||grad l_t||)
     path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
+    block: int = 512  # longer inputs are streamed through the state in blocks of this many tokens
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown memory rule {self.rule!r}; valid: {', '.join(RULES)}")
         if self.path not in PATHS:
             raise ValueError(f"unknown memory path {self.path!r}; valid: {', '.join(PATHS)}")
-        if self.depth < 1 or self.chunk < 1 or self.conv_kernel < 1 or self.n_heads < 1:
-            raise ValueError("memory depth, chunk, conv_kernel and n_heads must be >= 1")
+        if min(self.depth, self.chunk, self.conv_kernel, self.n_heads, self.block) < 1:
+            raise ValueError("memory depth, chunk, conv_kernel, n_heads and block must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the memory MLP, its explicit back-propagation, and the two scans
 
 
-def silu_grad(z: Tensor) -> Tensor:
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
-
-
 def mlp_forward(weights: list[Tensor], x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """x: [..., n, d_in], weights[l]: [..., d_l, d_{l+1}]. Returns the layer inputs h_0..h_L (h_L = output)
-    and the pre-activations z_1..z_L."""
-    hs, zs = [x], []
+    and the SiLU slopes silu'(z_l) of the hidden layers, s (1 + z - h) with s = sigmoid(z) and h = z s."""
+    hs, slopes = [x], []
     for layer, w in enumerate(weights):
         z = hs[-1] @ w
-        zs.append(z)
-        hs.append(F.silu(z) if layer < len(weights) - 1 else z)
-    return hs, zs
+        if layer < len(weights) - 1:
+            s = torch.sigmoid(z)
+            h = z * s
+            slopes.append(torch.addcmul(s, s, z - h))
+            hs.append(h)
+        else:
+            hs.append(z)
+    return hs, slopes
 
 
-def mlp_backprop(weights: list[Tensor], hs: list[Tensor], zs: list[Tensor], v: Tensor) -> list[Tensor]:
-    """d_l = d l / d z_l for l = ||out - v||^2, per token. The weight gradient of layer l is h_l^T d_l."""
-    d = 2 * (hs[-1] - v)
-    ds = [d]
+def mlp_backprop(weights: list[Tensor], slopes: list[Tensor], d_out: Tensor) -> list[Tensor]:
+    """Back-propagates d_out = dl/d(output) per token: d_l = dl/dz_l. Layer l's weight gradient is h_l^T d_l."""
+    ds = [d_out]
     for layer in range(len(weights) - 1, 0, -1):
-        d = (d @ weights[layer].transpose(-1, -2)) * silu_grad(zs[layer - 1])
-        ds.append(d)
+        ds.append((ds[-1] @ weights[layer].transpose(-1, -2)) * slopes[layer - 1])
     return ds[::-1]
 
 
@@ -107,8 +106,8 @@ def reference_scan(
         if (offset + t) % chunk == 0 or rule != "titans":
             anchor = weights
         kt, vt, qt = k[..., t : t + 1, :], v[..., t : t + 1, :], q[..., t : t + 1, :]
-        hs, zs = mlp_forward(anchor, kt)
-        ds = mlp_backprop(anchor, hs, zs, vt)
+        hs, slopes = mlp_forward(anchor, kt)
+        ds = mlp_backprop(anchor, slopes, 2 * (hs[-1] - vt))  # l = ||M(k) - v||^2
         grads = [h.transpose(-1, -2) @ d for h, d in zip(hs, ds, strict=False)]  # [B, H, d_l, d_{l+1}]
         g_norm = torch.sqrt(sum(g.pow(2).sum((-1, -2)) for g in grads))  # [B, H]
         if rule == "titans":
@@ -138,81 +137,145 @@ def reference_scan(
     return torch.cat(ys, dim=-2), weights, momentum, anchor
 
 
-def decay_matrices(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
-    """Scalar coefficients of the chunk recurrences; gates [..., c] -> matrices [..., c, c]."""
+def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
+    """Scalar coefficients of the chunk recurrences from gates [..., c]. A chunk ends at
+    W' = B_c W + BC_c S - (write[0] * h^T) @ d and S' = A_c S - (write[1] * h^T) @ d."""
     c = log_eta.shape[-1]
     work = torch.promote_types(log_eta.dtype, torch.float32)  # at least fp32, fp64 stays fp64
     la, lb = log_eta.to(work).cumsum(-1), log_keep.to(work).cumsum(-1)  # log A_t, log B_t
-    lower = torch.ones(c, c, dtype=torch.bool, device=la.device).tril()
-    f = torch.exp((lb[..., :, None] - lb[..., None, :]).masked_fill(~lower, float("-inf")))  # B_t / B_j
-    p = torch.exp((la[..., :, None] - la[..., None, :]).masked_fill(~lower, float("-inf")))  # A_j / A_i
+    lower = torch.ones(c, c, dtype=la.dtype, device=la.device).tril()
+
+    def ratios(log_cum: Tensor) -> Tensor:  # exp(log_cum_t - log_cum_j) for j <= t, else 0: entries in [0, 1]
+        # Logs are clamped to [-80, 0] before exp (ratios below e^-80 ~ 2e-35 are raised to it) and the upper
+        # triangle is zeroed by a product: CPU exp runs several times slower on -inf or on arguments whose
+        # results are subnormal. These [.., c, c] tensors are the layer's largest temporaries, hence in place.
+        return (log_cum[..., :, None] - log_cum[..., None, :]).clamp_(-80.0, 0.0).exp_() * lower
+
+    f, p = ratios(lb), ratios(la)  # B_t / B_j and A_j / A_i
     dtype = theta.dtype
     g = (f @ p).to(dtype) * theta[..., None, :]
-    bc = (f @ la.exp()[..., None])[..., 0]
+    bc = (f @ la.exp()[..., None]).to(dtype)
+    b = lb.exp().to(dtype)[..., None]
+    s_coef = p[..., -1, :].to(dtype) * theta  # theta_i A_c / A_i
+    a_end = la[..., -1:].exp().to(dtype)
     return {
         "G": g,  # [.., c, c]
-        "B": lb.exp().to(dtype),  # [.., c]
-        "BC": bc.to(dtype),  # [.., c]
-        "A_end": la[..., -1].exp().to(dtype),  # [..]
-        "S_coef": (p[..., -1, :].to(dtype) * theta),  # theta_i A_c / A_i, [.., c]
+        "B": b,  # [.., c, 1]
+        "BC": bc,  # [.., c, 1]
+        "B_end": b[..., -1:, :],  # [.., 1, 1]: W' = B_c W + BC_c S - ...
+        "BC_end": bc[..., -1:, :],
+        "A_end": a_end[..., None],  # S' = A_c S - ...
+        "write": torch.stack([g[..., -1, :], s_coef], -2)[..., None, :],  # (G[c, i], theta_i A_c / A_i), [.., 2, 1, c]
     }
 
 
-def chunk_step(
-    weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor],
-    q: Tensor, k: Tensor, v: Tensor, co: dict[str, Tensor],
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """One chunk in the dual form. q, k, v: [B, H, c, dh]; returns reads [B, H, c, dh] and end state."""
-    hs, zs = mlp_forward(anchor, k)  # key-side activations at the anchor
-    ds = mlp_backprop(anchor, hs, zs, v)
-    g, b, bc = co["G"], co["B"][..., None], co["BC"][..., None]
-    x = q
-    for layer, (w, s) in enumerate(zip(weights, momentum, strict=True)):
-        z = b * (x @ w) + bc * (x @ s) - (g * (x @ hs[layer].transpose(-1, -2))) @ ds[layer]
-        x = F.silu(z) if layer < len(weights) - 1 else z
+def written(h: Tensor, write: Tensor) -> Tensor:
+    """Layer inputs [.., c, d_in] scaled for the weight and the momentum update: [.., 2, d_in, c]."""
+    return write * h.transpose(-1, -2).unsqueeze(-3)
+
+
+def minus_matmul(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """c - a @ b over [B, H, ...] in one kernel."""
+    return torch.baddbmm(c.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1), alpha=-1).view_as(c)
+
+
+def advance(weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], k_written: Tensor, k: Tensor,
+            v: Tensor, co: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """One chunk of the recurrence: every key's gradient at the anchor, folded into the chunk-end weights
+    and momentum ([B, H, d_l, d_{l+1}] per layer). k_written = written(k): the first layer's input is known
+    before the loop. Also returns the key-side hidden inputs and back-propagated signals, which the
+    batched reads reuse."""
+    hs, slopes = mlp_forward(anchor, k)
+    ds = mlp_backprop(anchor, slopes, hs[-1] - v)  # the factor 2 of dl/dM(k) is folded into theta
     new_w, new_s = [], []
-    last_g, s_coef, a_end = g[..., -1, :, None], co["S_coef"][..., None], co["A_end"][..., None, None]
-    for layer, (w, s) in enumerate(zip(weights, momentum, strict=True)):
-        h_t = hs[layer].transpose(-1, -2)
-        new_w.append(b[..., -1:, :] * w + bc[..., -1:, :] * s - h_t @ (last_g * ds[layer]))
-        new_s.append(a_end * s - h_t @ (s_coef * ds[layer]))
-    return x, new_w, new_s
+    for layer, (w, s, d) in enumerate(zip(weights, momentum, ds, strict=True)):
+        h_w, h_s = (k_written if layer == 0 else written(hs[layer], co["write"])).unbind(-3)
+        new_w.append(minus_matmul(torch.addcmul(w * co["B_end"], s, co["BC_end"]), h_w, d))
+        new_s.append(minus_matmul(s * co["A_end"], h_s, d))
+    return new_w, new_s, hs[1:-1], ds
+
+
+def scan_chunks(weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], q: Tensor, k: Tensor,
+                v: Tensor, co: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """m chunks of c tokens in the dual form, chunk-major so that every per-chunk slice is contiguous.
+    q, k, v: [m, B, H, c, dh]; coefficients [m, B, H, ...]. The first chunk is anchored at `anchor`, the others
+    at their start weights. Returns the reads [m, B, H, c, dh] and the end
+    weights and momentum.
+
+    Only the key side is sequential: each chunk's gradients are taken at the weights the chunk before
+    left. The loop keeps each chunk's start state and key-side signals; the query reads then run for all
+    chunks at once, as batched matmuls."""
+    keys = ("B_end", "BC_end", "A_end", "write")
+    steps = zip(written(k, co["write"]).unbind(0), k.unbind(0), v.unbind(0), *(co[key].unbind(0) for key in keys),
+                strict=True)
+    record: dict[str, list] = {"w": [], "s": [], "h": [], "d": []}
+    for i, (k_written, kc, vc, *coefficients) in enumerate(steps):
+        record["w"].append(weights)
+        record["s"].append(momentum)
+        at = anchor if i == 0 else weights
+        weights, momentum, hs, ds = advance(weights, momentum, at, k_written, kc, vc, dict(zip(keys, coefficients,
+                                                                                                strict=True)))
+        record["h"].append(hs)
+        record["d"].append(ds)
+    w, s, h, d = ([torch.stack(per_layer) for per_layer in zip(*record[key], strict=True)] for key in "wshd")
+    x = q
+    for layer, inputs in enumerate([k, *h]):
+        z = co["B"] * (x @ w[layer]) + co["BC"] * (x @ s[layer]) - (co["G"] * (x @ inputs.transpose(-1, -2))) @ d[layer]
+        x = F.silu(z) if layer < len(w) - 1 else z
+    return x, weights, momentum
 
 
 def chunked_scan(
     weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], offset: int, chunk: int,
     q: Tensor, k: Tensor, v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """The dual form over a call: the rest of a partial chunk, whole chunks, then a trailing partial one.
-    Gate coefficients of all whole chunks are computed at once; only weight-dependent work loops."""
+    """The dual form over a call, in up to three groups of equal chunks: the rest of a chunk begun in an
+    earlier call (anchored where it began), the whole chunks, then a trailing partial chunk."""
     n = q.shape[-2]
     first = min(n, chunk - offset) if offset else 0
     whole = (n - first) // chunk
-    segments: list[tuple[int, int, int | None]] = [(0, first, None)] if first else []
-    segments += [(first + i * chunk, first + (i + 1) * chunk, i) for i in range(whole)]
-    if first + whole * chunk < n:
-        segments.append((first + whole * chunk, n, None))
-    # split/unbind (not repeated slicing) so that backward stays one linear-cost op per tensor
-    sizes = [end - start for start, end, _ in segments]
-    pieces = [x.split(sizes, dim=-2) for x in (q, k, v)]
-    gates = [x.split(sizes, dim=-1) for x in (log_eta, log_keep, theta)]
-    if whole:
-        span = slice(first, first + whole * chunk)
-        grouped = decay_matrices(*(x[..., span].unflatten(-1, (whole, chunk)) for x in (log_eta, log_keep, theta)))
-        per_chunk = [dict(zip(grouped, values, strict=True)) for values in zip(*(t.unbind(2) for t in grouped.values()),
-                                                                                 strict=True)]
-    ys = []
-    for i, (start, _, index) in enumerate(segments):
-        co = decay_matrices(*(g[i] for g in gates)) if index is None else per_chunk[index]
-        if (offset + start) % chunk == 0:
-            anchor = weights
-        y, weights, momentum = chunk_step(weights, momentum, anchor, *(p[i] for p in pieces), co)
-        ys.append(y)
+    groups = [(size, count) for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1))
+              if size and count]
+    lengths = [size * count for size, count in groups]
+    pieces = [x.split(lengths, dim=-2) for x in (q, k, v)]
+    gates = [x.split(lengths, dim=-1) for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
+    ys, start = [], 0
+    for i, (size, count) in enumerate(groups):
+        continued = (offset + start) % chunk != 0
+        co = chunk_coefficients(*(g[i].unflatten(-1, (count, size)).movedim(2, 0) for g in gates))
+        qkv = (p[i].unflatten(-2, (count, size)).movedim(2, 0).contiguous() for p in pieces)
+        # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
+        anchor = anchor if continued else weights
+        y, weights, momentum = scan_chunks(weights, momentum, anchor, *qkv, co)
+        ys.append(y.movedim(0, 2).flatten(2, 3))
+        start += size * count
     return torch.cat(ys, dim=-2), weights, momentum, anchor
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the memory layer
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Per-channel causal convolution on time-major input: y_t = bias + sum_j w_j * u_{t+j}, where u carries
+    kernel - 1 earlier steps in front. Written as shifted products: at these widths it is several times
+    faster than Conv1d's depthwise kernels, backward above all, and needs no transposes."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.channels = channels
+        bound = 1 / math.sqrt(kernel)  # Conv1d's default initialisation, fan-in = kernel
+        self.weight = nn.Parameter(torch.empty(kernel, channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
+
+    def forward(self, u: Tensor) -> Tensor:
+        """u: [B, kernel - 1 + N, C] -> [B, N, C]."""
+        kernel = self.weight.shape[0]
+        n = u.shape[1] - kernel + 1
+        y = torch.addcmul(self.bias, u[:, :n], self.weight[0])
+        for j in range(1, kernel):
+            y = torch.addcmul(y, u[:, j : j + n], self.weight[j])
+        return y
 
 
 def l2_normalise(x: Tensor) -> Tensor:
@@ -236,7 +299,7 @@ class NeuralMemory(nn.Module):
         hidden = max(1, round(c.expansion * dh))
         widths = [dh] + [hidden] * (c.depth - 1) + [dh]
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.conv = nn.Conv1d(3 * dim, 3 * dim, c.conv_kernel, groups=3 * dim, bias=True)
+        self.conv = CausalDepthwiseConv(3 * dim, c.conv_kernel)
         self.gates = nn.Linear(dim, 3 * c.n_heads)  # theta, eta, alpha logits per head
         with torch.no_grad():
             self.gates.weight.mul_(0.1)
@@ -252,11 +315,11 @@ class NeuralMemory(nn.Module):
     def state_numel(self, n: int) -> int:
         """Constant in n: weights, momentum and anchor per memory layer, plus the conv tail."""
         mem = sum(w.numel() for w in self.init_weights)
-        return 3 * mem + self.conv.in_channels * (self.config.conv_kernel - 1)
+        return 3 * mem + self.conv.channels * (self.config.conv_kernel - 1)
 
     def initial_state(self, batch: int, dtype: torch.dtype) -> dict[str, Any]:
         weights = [w.unsqueeze(0).expand(batch, *w.shape).to(dtype) for w in self.init_weights]
-        tail = weights[0].new_zeros(batch, self.conv.in_channels, self.config.conv_kernel - 1)
+        tail = weights[0].new_zeros(batch, self.config.conv_kernel - 1, self.conv.channels)
         return {"weights": weights, "momentum": [torch.zeros_like(w) for w in weights], "anchor": weights,
                 "offset": 0, "conv": tail}
 
@@ -275,11 +338,10 @@ class NeuralMemory(nn.Module):
     def project(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, ...]:
         b, n, d = x.shape
         c, h = self.config, self.config.n_heads
-        u = self.qkv(x).transpose(1, 2)  # [B, 3D, N]
-        u = torch.cat([state["conv"], u], dim=-1)
-        new_tail = u[..., u.shape[-1] - (c.conv_kernel - 1):]
-        u = F.silu(self.conv(u)).transpose(1, 2)  # causal: output t sees inputs t-kernel+1..t
-        q, k, v = (t.view(b, n, h, self.dh).transpose(1, 2) for t in u.chunk(3, dim=-1))  # [B, H, N, dh]
+        u = torch.cat([state["conv"], self.qkv(x)], dim=1)  # [B, kernel - 1 + N, 3D]
+        new_tail = u[:, u.shape[1] - (c.conv_kernel - 1):]
+        u = F.silu(self.conv(u))
+        q, k, v = u.view(b, n, 3, h, self.dh).permute(2, 0, 3, 1, 4).contiguous()  # [B, H, N, dh] each
         theta_l, eta_l, alpha_l = self.gates(x).view(b, n, 3, h).permute(2, 0, 3, 1)  # [B, H, N] each
         theta = c.max_lr * torch.sigmoid(theta_l)
         log_eta = F.logsigmoid(eta_l) if c.momentum else torch.full_like(eta_l, NO_MOMENTUM_LOG)
@@ -291,6 +353,14 @@ class NeuralMemory(nn.Module):
     ) -> tuple[Tensor, dict[str, Any]]:
         c = self.config
         state = state or self.initial_state(x.shape[0], x.dtype)
+        if x.shape[1] > c.block and diagnostics is None:
+            # stream long inputs through the state in blocks: equal to one call (tested), and the temporaries
+            # stay small enough for the allocator to reuse instead of faulting in fresh pages each time
+            ys = []
+            for piece in x.split(c.block, dim=1):
+                y, state = self(piece, state)
+                ys.append(y)
+            return torch.cat(ys, dim=1), state
         q, k, v, log_eta, log_keep, theta, tail = self.project(x, state)
         args = (state["weights"], state["momentum"], state["anchor"], state["offset"], c.chunk,
                 q, k, v, log_eta, log_keep, theta)
