@@ -19,7 +19,9 @@ Two paths compute the same thing:
   G is formed as a product of two decay matrices rather than from differences of cumulative sums, so it
   has no cancellation however strong the gates (the log-space cumsum form loses all precision when the
   momentum decays fast within a chunk). No per-token weight tensor is ever built: cost O(b^2 d + b d h)
-  per chunk, linear in n.
+  per chunk, linear in n. Only the key side (each chunk's gradients at the weights the previous chunk
+  left) runs chunk by chunk; the query reads of all chunks then run as batched matmuls, and long inputs
+  are streamed through the state in blocks so that temporaries stay cache-sized.
 
 Choices the paper leaves open (config values, defaults in MemoryConfig): memory MLP depth and hidden
 width, SiLU activation, chunk size, conv kernel, gate parameterisation theta = max_lr * sigmoid,
@@ -199,8 +201,7 @@ def scan_chunks(weights: list[Tensor], momentum: list[Tensor], anchor: list[Tens
                 v: Tensor, co: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """m chunks of c tokens in the dual form, chunk-major so that every per-chunk slice is contiguous.
     q, k, v: [m, B, H, c, dh]; coefficients [m, B, H, ...]. The first chunk is anchored at `anchor`, the others
-    at their start weights. Returns the reads [m, B, H, c, dh] and the end
-    weights and momentum.
+    at their start weights. Returns the reads [m, B, H, c, dh] and the end weights and momentum.
 
     Only the key side is sequential: each chunk's gradients are taken at the weights the chunk before
     left. The loop keeps each chunk's start state and key-side signals; the query reads then run for all

@@ -4,7 +4,7 @@ targets live in `python -m bench.memory_speed`, never in unit-test assertions.""
 import pytest
 import torch
 
-from bench.memory_speed import main, matmul_peak_gflops, measure, ours
+from bench.memory_speed import main, matmul_peak_gflops, measure, ours, verdicts
 
 
 @pytest.mark.parametrize("chunk", [16, 64])
@@ -30,3 +30,16 @@ def test_speed_script_reports_tokens_per_second_and_flop_rate(capsys):
     assert "matmul peak" in out and "ours" in out
     r = measure(ours(64, 4, 2, 16), 2, 256, 64, 1)
     assert r["fwd_tok_s"] > 0 and r["train_tok_s"] > 0 and 0 < r["fwd_gflops"] < 10 * matmul_peak_gflops(256, 3)
+
+
+def test_verdicts_judge_each_target_from_the_measured_numbers():
+    def cell(fwd, train):
+        return {"fwd_tok_s": fwd, "train_tok_s": train, "fwd_gflops": 1.0}
+
+    results = {("ours", 16, 1024): cell(100, 50), ("ours", 16, 4096): cell(90, 30), ("ours", 16, 16384): cell(85, 45),
+               ("titans-pytorch", 16, 4096): cell(80, 10), ("titans-pytorch", 16, 16384): cell(80, 30)}
+    lines = verdicts(results)
+    assert "forward tokens/s over n = 1024..16384: slowest 15% below fastest -- target within 20%: met" in lines[0]
+    assert "slowest 40% below fastest" in lines[1] and lines[1].endswith("missed")
+    assert "forward at n=4096: 1.12x titans-pytorch -- target >= 1x: met" in lines[2]
+    assert "forward+backward at n=16384: 1.50x titans-pytorch -- target >= 2x: missed" in lines[3]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from models.neural_memory import (
     NO_MOMENTUM_LOG,
+    CausalDepthwiseConv,
     MemoryConfig,
     NeuralMemory,
     chunked_scan,
@@ -150,7 +151,26 @@ def test_diagnostics_are_per_token_and_per_head():
         assert torch.isfinite(torch.stack(values)).all()
 
 
-@pytest.mark.parametrize("bad", [dict(rule="hebbian"), dict(path="fast"), dict(depth=0), dict(chunk=0)])
+def test_causal_depthwise_conv_equals_conv1d_with_left_padding():
+    conv = CausalDepthwiseConv(6, 4).double()
+    u = torch.randn(2, 3 + 20, 6, dtype=torch.float64)  # three steps of history in front
+    expected = F.conv1d(u.transpose(1, 2), conv.weight.t().unsqueeze(1), conv.bias, groups=6).transpose(1, 2)
+    torch.testing.assert_close(conv(u), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_long_inputs_streamed_in_blocks_equal_one_block():
+    torch.manual_seed(5)
+    blocked = NeuralMemory(32, MemoryConfig(chunk=4, block=7)).double()  # blocks cut chunks apart
+    whole = NeuralMemory(32, MemoryConfig(chunk=4, block=10_000)).double()
+    whole.load_state_dict(blocked.state_dict())
+    x = torch.randn(2, 45, 32, dtype=torch.float64)
+    (y, state), (y_ref, state_ref) = blocked(x), whole(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(state["weights"] + state["momentum"], state_ref["weights"] + state_ref["momentum"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bad", [dict(rule="hebbian"), dict(path="fast"), dict(depth=0), dict(chunk=0), dict(block=0)])
 def test_bad_memory_config_names_what_is_valid(bad):
     with pytest.raises(ValueError):
         MemoryConfig(**bad)
