@@ -171,44 +171,43 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict
     }
 
 
-def written(h: Tensor, write: Tensor) -> Tensor:
-    """Layer inputs [.., c, d_in] scaled for the weight and the momentum update: [.., 2, d_in, c]."""
-    return write * h.transpose(-1, -2).unsqueeze(-3)
+def written(h: Tensor, write: Tensor) -> tuple[Tensor, Tensor]:
+    """Layer inputs [.., c, d_in] scaled for the weight and the momentum update: two [.., d_in, c]."""
+    return (write * h.transpose(-1, -2).unsqueeze(-3)).unbind(-3)
 
 
-def minus_matmul(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """c - a @ b over [B, H, ...] in one kernel."""
-    return torch.baddbmm(c.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1), alpha=-1).view_as(c)
-
-
-def advance(weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], k_written: Tensor, k: Tensor,
-            v: Tensor, co: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+def advance(
+    weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], k_written: tuple[Tensor, Tensor],
+    k: Tensor, v: Tensor, co: dict[str, Tensor],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """One chunk of the recurrence: every key's gradient at the anchor, folded into the chunk-end weights
-    and momentum ([B, H, d_l, d_{l+1}] per layer). k_written = written(k): the first layer's input is known
+    and momentum ([B H, d_l, d_{l+1}] per layer). k_written = written(k): the first layer's input is known
     before the loop. Also returns the key-side hidden inputs and back-propagated signals, which the
     batched reads reuse."""
     hs, slopes = mlp_forward(anchor, k)
     ds = mlp_backprop(anchor, slopes, hs[-1] - v)  # the factor 2 of dl/dM(k) is folded into theta
     new_w, new_s = [], []
     for layer, (w, s, d) in enumerate(zip(weights, momentum, ds, strict=True)):
-        h_w, h_s = (k_written if layer == 0 else written(hs[layer], co["write"])).unbind(-3)
-        new_w.append(minus_matmul(torch.addcmul(w * co["B_end"], s, co["BC_end"]), h_w, d))
-        new_s.append(minus_matmul(s * co["A_end"], h_s, d))
+        h_w, h_s = k_written if layer == 0 else written(hs[layer], co["write"])
+        # W' = B_c W + BC_c S - h_w @ d and S' = A_c S - h_s @ d, each subtraction fused into its matmul
+        new_w.append(torch.baddbmm(torch.addcmul(w * co["B_end"], s, co["BC_end"]), h_w, d, alpha=-1))
+        new_s.append(torch.baddbmm(s * co["A_end"], h_s, d, alpha=-1))
     return new_w, new_s, hs[1:-1], ds
 
 
 def scan_chunks(weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], q: Tensor, k: Tensor,
                 v: Tensor, co: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """m chunks of c tokens in the dual form, chunk-major so that every per-chunk slice is contiguous.
-    q, k, v: [m, B, H, c, dh]; coefficients [m, B, H, ...]. The first chunk is anchored at `anchor`, the others
-    at their start weights. Returns the reads [m, B, H, c, dh] and the end weights and momentum.
+    """m chunks of c tokens in the dual form, chunk-major with batch and heads merged so that every per-chunk
+    slice is a contiguous 3-d tensor for bmm. q, k, v: [m, B H, c, dh]; coefficients [m, B H, ...]; weights
+    and momentum [B H, d_l, d_{l+1}]. The first chunk is anchored at `anchor`, the others at their start
+    weights. Returns the reads [m, B H, c, dh] and the end weights and momentum.
 
     Only the key side is sequential: each chunk's gradients are taken at the weights the chunk before
     left. The loop keeps each chunk's start state and key-side signals; the query reads then run for all
     chunks at once, as batched matmuls."""
     keys = ("B_end", "BC_end", "A_end", "write")
-    steps = zip(written(k, co["write"]).unbind(0), k.unbind(0), v.unbind(0), *(co[key].unbind(0) for key in keys),
-                strict=True)
+    steps = zip(zip(*(part.unbind(0) for part in written(k, co["write"])), strict=True), k.unbind(0), v.unbind(0),
+                *(co[key].unbind(0) for key in keys), strict=True)
     record: dict[str, list] = {"w": [], "s": [], "h": [], "d": []}
     for i, (k_written, kc, vc, *coefficients) in enumerate(steps):
         record["w"].append(weights)
@@ -232,7 +231,7 @@ def chunked_scan(
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The dual form over a call, in up to three groups of equal chunks: the rest of a chunk begun in an
     earlier call (anchored where it began), the whole chunks, then a trailing partial chunk."""
-    n = q.shape[-2]
+    batch, heads, n = q.shape[:3]
     first = min(n, chunk - offset) if offset else 0
     whole = (n - first) // chunk
     groups = [(size, count) for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1))
@@ -240,16 +239,18 @@ def chunked_scan(
     lengths = [size * count for size, count in groups]
     pieces = [x.split(lengths, dim=-2) for x in (q, k, v)]
     gates = [x.split(lengths, dim=-1) for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
+    weights, momentum, anchor = ([t.flatten(0, 1) for t in ts] for ts in (weights, momentum, anchor))
     ys, start = [], 0
     for i, (size, count) in enumerate(groups):
         continued = (offset + start) % chunk != 0
-        co = chunk_coefficients(*(g[i].unflatten(-1, (count, size)).movedim(2, 0) for g in gates))
-        qkv = (p[i].unflatten(-2, (count, size)).movedim(2, 0).contiguous() for p in pieces)
+        co = chunk_coefficients(*(g[i].unflatten(-1, (count, size)).movedim(2, 0).flatten(1, 2) for g in gates))
+        qkv = (p[i].unflatten(-2, (count, size)).movedim(2, 0).flatten(1, 2) for p in pieces)  # [m, B H, c, dh]
         # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
         anchor = anchor if continued else weights
         y, weights, momentum = scan_chunks(weights, momentum, anchor, *qkv, co)
-        ys.append(y.movedim(0, 2).flatten(2, 3))
+        ys.append(y.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3))
         start += size * count
+    weights, momentum, anchor = ([t.unflatten(0, (batch, heads)) for t in ts] for ts in (weights, momentum, anchor))
     return torch.cat(ys, dim=-2), weights, momentum, anchor
 
 
