@@ -150,7 +150,7 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict
     def ratios(log_cum: Tensor) -> Tensor:  # exp(log_cum_t - log_cum_j) for j <= t, else 0: entries in [0, 1]
         # Logs are clamped to [-80, 0] before exp (ratios below e^-80 ~ 2e-35 are raised to it) and the upper
         # triangle is zeroed by a product: CPU exp runs several times slower on -inf or on arguments whose
-        # results are subnormal. These [.., c, c] tensors are the layer's largest temporaries, hence in place.
+        # results are subnormal. These [.., c, c] tensors are the largest temporaries, hence clamp_ and exp_.
         return (log_cum[..., :, None] - log_cum[..., None, :]).clamp_(-80.0, 0.0).exp_() * lower
 
     f, p = ratios(lb), ratios(la)  # B_t / B_j and A_j / A_i
