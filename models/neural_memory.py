@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 RULES = ("titans", "seed", "seed_corrected")
 PATHS = ("chunked", "reference")
@@ -58,14 +59,15 @@ class MemoryConfig:
     seed_gamma: float = 1.0  # seed rule: beta_t = exp(-gamma ||grad l_t||)
     path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
     block: int = 512  # longer inputs are streamed through the state in blocks of this many tokens
+    read_chunk: int = 16  # a chunk that is a multiple of it is read in sub-chunks of this size (same result)
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown memory rule {self.rule!r}; valid: {', '.join(RULES)}")
         if self.path not in PATHS:
             raise ValueError(f"unknown memory path {self.path!r}; valid: {', '.join(PATHS)}")
-        if min(self.depth, self.chunk, self.conv_kernel, self.n_heads, self.block) < 1:
-            raise ValueError("memory depth, chunk, conv_kernel, n_heads and block must be >= 1")
+        if min(self.depth, self.chunk, self.conv_kernel, self.n_heads, self.block, self.read_chunk) < 1:
+            raise ValueError("memory depth, chunk, conv_kernel, n_heads, block and read_chunk must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict
     """Scalar coefficients of the chunk recurrences from gates [..., c]. A chunk ends at
     W' = B_c W + BC_c S - (write[0] * h^T) @ d and S' = A_c S - (write[1] * h^T) @ d."""
     c = log_eta.shape[-1]
-    work = torch.promote_types(log_eta.dtype, torch.float32)  # at least fp32, fp64 stays fp64
+    work = torch.promote_types(torch.promote_types(log_eta.dtype, log_keep.dtype), torch.float32)  # fp64 stays fp64
     la, lb = log_eta.to(work).cumsum(-1), log_keep.to(work).cumsum(-1)  # log A_t, log B_t
     lower = torch.ones(c, c, dtype=la.dtype, device=la.device).tril()
 
@@ -160,78 +162,198 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict
     b = lb.exp().to(dtype)[..., None]
     s_coef = p[..., -1, :].to(dtype) * theta  # theta_i A_c / A_i
     a_end = la[..., -1:].exp().to(dtype)
+    mix = torch.stack([b[..., -1, 0], bc[..., -1, 0], torch.zeros_like(a_end[..., 0]), a_end[..., 0]], -1)
     return {
         "G": g,  # [.., c, c]
-        "B": b,  # [.., c, 1]
-        "BC": bc,  # [.., c, 1]
-        "B_end": b[..., -1:, :],  # [.., 1, 1]: W' = B_c W + BC_c S - ...
-        "BC_end": bc[..., -1:, :],
-        "A_end": a_end[..., None],  # S' = A_c S - ...
+        "BBC": torch.stack([b, bc], -2),  # [.., c, 2, 1]: the query at t reads B_t W + BC_t S
+        "mix": mix.unflatten(-1, (2, 2)),  # [.., 2, 2]: (W, S) -> (B_c W + BC_c S, A_c S), then minus the writes
         "write": torch.stack([g[..., -1, :], s_coef], -2)[..., None, :],  # (G[c, i], theta_i A_c / A_i), [.., 2, 1, c]
     }
 
 
-def written(h: Tensor, write: Tensor) -> tuple[Tensor, Tensor]:
-    """Layer inputs [.., c, d_in] scaled for the weight and the momentum update: two [.., d_in, c]."""
-    return (write * h.transpose(-1, -2).unsqueeze(-3)).unbind(-3)
+def written(h: Tensor, write: Tensor) -> Tensor:
+    """Layer inputs h [.., c, d] scaled for the weight and the momentum update, stacked: [.., 2 d, c]."""
+    return (write * h.transpose(-1, -2).unsqueeze(-3)).flatten(-3, -2)
 
 
-def advance(
-    weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], k_written: tuple[Tensor, Tensor],
-    k: Tensor, v: Tensor, co: dict[str, Tensor],
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """One chunk of the recurrence: every key's gradient at the anchor, folded into the chunk-end weights
-    and momentum ([B H, d_l, d_{l+1}] per layer). k_written = written(k): the first layer's input is known
-    before the loop. Also returns the key-side hidden inputs and back-propagated signals, which the
-    batched reads reuse."""
-    hs, slopes = mlp_forward(anchor, k)
-    ds = mlp_backprop(anchor, slopes, hs[-1] - v)  # the factor 2 of dl/dM(k) is folded into theta
-    new_w, new_s = [], []
-    for layer, (w, s, d) in enumerate(zip(weights, momentum, ds, strict=True)):
-        h_w, h_s = k_written if layer == 0 else written(hs[layer], co["write"])
-        # W' = B_c W + BC_c S - h_w @ d and S' = A_c S - h_s @ d, each subtraction fused into its matmul
-        new_w.append(torch.baddbmm(torch.addcmul(w * co["B_end"], s, co["BC_end"]), h_w, d, alpha=-1))
-        new_s.append(torch.baddbmm(s * co["A_end"], h_s, d, alpha=-1))
-    return new_w, new_s, hs[1:-1], ds
+def silu_slope_and_curvature(z: Tensor) -> tuple[Tensor, Tensor]:
+    """silu'(z) = s (1 + z (1 - s)) and silu''(z) = s (1 - s) (2 + z (1 - 2 s)), s = sigmoid(z)."""
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s)), s * (1 - s) * (2 + z * (1 - 2 * s))
 
 
-def scan_chunks(weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], q: Tensor, k: Tensor,
-                v: Tensor, co: dict[str, Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """m chunks of c tokens in the dual form, chunk-major with batch and heads merged so that every per-chunk
-    slice is a contiguous 3-d tensor for bmm. q, k, v: [m, B H, c, dh]; coefficients [m, B H, ...]; weights
-    and momentum [B H, d_l, d_{l+1}]. The first chunk is anchored at `anchor`, the others at their start
-    weights. Returns the reads [m, B H, c, dh] and the end weights and momentum.
+def to_subchunks(x: Tensor, subs: int) -> Tensor:
+    """[.., B H, c, d] -> [.., subs, B H, c / subs, d], a view."""
+    return x.unflatten(-2, (subs, -1)).transpose(-3, -4)
 
-    Only the key side is sequential: each chunk's gradients are taken at the weights the chunk before
-    left. The loop keeps each chunk's start state and key-side signals; the query reads then run for all
-    chunks at once, as batched matmuls."""
-    keys = ("B_end", "BC_end", "A_end", "write")
-    steps = zip(zip(*(part.unbind(0) for part in written(k, co["write"])), strict=True), k.unbind(0), v.unbind(0),
-                *(co[key].unbind(0) for key in keys), strict=True)
-    record: dict[str, list] = {"w": [], "s": [], "h": [], "d": []}
-    for i, (k_written, kc, vc, *coefficients) in enumerate(steps):
-        record["w"].append(weights)
-        record["s"].append(momentum)
-        at = anchor if i == 0 else weights
-        weights, momentum, hs, ds = advance(weights, momentum, at, k_written, kc, vc, dict(zip(keys, coefficients,
-                                                                                                strict=True)))
-        record["h"].append(hs)
-        record["d"].append(ds)
-    w, s, h, d = ([torch.stack(per_layer) for per_layer in zip(*record[key], strict=True)] for key in "wshd")
+
+def from_subchunks(x: Tensor) -> Tensor:
+    """[.., subs, B H, r, d] -> [.., B H, subs r, d]."""
+    return x.transpose(-3, -4).flatten(-3, -2)
+
+
+def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor,
+              mix: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The sequential part of the dual form: chunk after chunk, every key's gradient at the chunk's anchor,
+    then folded into the state sub-chunk by sub-chunk. Per memory layer the state is the weights stacked on
+    the momentum, [B H, 2 d_l, d_{l+1}]; `anchor` [B H, d_l, d_{l+1}] anchors the first chunk, later chunks
+    are anchored at their start weights. k [m, B H, c, d_0] and v [m, B H, c, d_L] per chunk; write
+    [m s, B H, 2, 1, c / s] and mix [m s, B H, 2, 2] per sub-chunk, s sub-chunks to a chunk.
+
+    Returns, per layer, the states before every sub-chunk and after the last ([m s + 1, B H, 2 d_l, d_{l+1}]),
+    and the keys' hidden pre-activations z_l (l < L - 1) and back-propagated signals d_l ([m, B H, c, d_{l+1}])
+    that the batched reads reuse. Results go straight into preallocated buffers, no per-chunk lists to stack."""
+    m, bh, c, _ = k.shape
+    subs, depth, rows = write.shape[0] // m, len(states), [s.shape[-2] // 2 for s in states]
+    path = [s.new_empty(m * subs + 1, *s.shape) for s in states]
+    zs = [k.new_empty(m, bh, c, s.shape[-1]) for s in states[:-1]]
+    ds = [k.new_empty(m, bh, c, s.shape[-1]) for s in states]
+    for p, s in zip(path, states, strict=True):
+        p[0] = s
+    per_chunk = [[p.unflatten(0, (m, subs)).unbind(0) for p in (x[:-1], x[1:])] for x in path]  # [s, B H, ..]
+    writes = write.unflatten(0, (m, subs)).unbind(0)
+    mixes = [list(x.unbind(0)) for x in mix.unflatten(0, (m, subs)).unbind(0)]
+    k_written = written(to_subchunks(k, subs), write.unflatten(0, (m, subs))).unbind(0)  # [s, B H, 2 d_0, r]
+    for i, (k_i, v_i) in enumerate(zip(k.unbind(0), v.unbind(0), strict=True)):
+        at = anchor if i == 0 else [before[i][0, :, :r] for (before, _), r in zip(per_chunk, rows, strict=True)]
+        z_i, d_i = [z[i] for z in zs], [d[i] for d in ds]
+        hs = [k_i]
+        for layer in range(depth - 1):
+            hs.append(F.silu(torch.bmm(hs[-1], at[layer], out=z_i[layer])))
+        torch.baddbmm(v_i, hs[-1], at[-1], beta=-1, out=d_i[-1])  # M(k) - v; dl/dM(k)'s factor 2 is in theta
+        for layer in range(depth - 2, -1, -1):
+            torch.ops.aten.silu_backward.grad_input(d_i[layer + 1] @ at[layer + 1].transpose(-1, -2), z_i[layer],
+                                                    grad_input=d_i[layer])
+        for layer, ((before, after), r) in enumerate(zip(per_chunk, rows, strict=True)):
+            h_w = k_written[i] if layer == 0 else written(to_subchunks(hs[layer], subs), writes[i])
+            d_sub = to_subchunks(d_i[layer], subs)
+            for j in range(subs):
+                # (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d): one small bmm mixes, one baddbmm writes
+                mixed = torch.bmm(mixes[i][j], before[i][j].view(bh, 2, -1)).view(bh, 2 * r, -1)
+                torch.baddbmm(mixed, h_w[j], d_sub[j], alpha=-1, out=after[i][j])
+    return path, zs, ds
+
+
+class KeyScan(torch.autograd.Function):
+    """scan_keys with a hand-written backward, a reverse pass over the chunks. Autograd would record about
+    60 small nodes per chunk, and at these sizes its per-node bookkeeping costs more than the arithmetic.
+    What does not flow back into earlier chunks (the gradients of k, v, write and mix) is left to batched
+    products after the loop. Checked against autograd through the token loop and by gradcheck."""
+
+    @staticmethod
+    def forward(ctx, depth: int, *tensors: Tensor):
+        states, anchor = list(tensors[:depth]), list(tensors[depth : 2 * depth])
+        k, v, write, mix = tensors[2 * depth :]
+        path, zs, ds = scan_keys(states, anchor, k, v, write, mix)
+        ctx.depth = depth
+        ctx.save_for_backward(*anchor, k, write, mix, *path, *zs, *ds)
+        # the states before each sub-chunk and the end state as two outputs: a slice of one output would make
+        # autograd fill a zero gradient buffer for the whole path
+        return (*(p[:-1] for p in path), *(p[-1] for p in path), *zs, *ds)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor):
+        depth, saved = ctx.depth, ctx.saved_tensors
+        anchor, (k, write, mix) = saved[:depth], saved[depth : depth + 3]
+        path, zs, ds = saved[depth + 3 : 2 * depth + 3], saved[2 * depth + 3 : 3 * depth + 2], saved[3 * depth + 2 :]
+        g_before, g_end = grads[:depth], grads[depth : 2 * depth]
+        g_zs, g_ds = grads[2 * depth : 3 * depth - 1], grads[3 * depth - 1 :]
+        m, bh, c, _ = k.shape
+        subs, rows = write.shape[0] // m, [p.shape[-2] // 2 for p in path]
+        anchors = [torch.cat([a.unsqueeze(0), p[subs : m * subs : subs, :, :r]]) for a, p, r in zip(anchor, path, rows,
+                                                                                                    strict=True)]
+        hs = [k, *(F.silu(z) for z in zs)]
+        sub_writes = write.unflatten(0, (m, subs))
+        h_written = [written(to_subchunks(h, subs), sub_writes) for h in hs]  # [m, s, B H, 2 d_l, r]
+        slopes, curvatures = zip(*map(silu_slope_and_curvature, zs), strict=True) if zs else ((), ())
+        # d_l = silu'(z_l) * e_l with e_l = d_{l+1} A_{l+1}^T, so z_l moves d_l by silu''(z_l) * e_l
+        bends = [(ds[i + 1] @ anchors[i + 1].transpose(-1, -2)) * curvatures[i] for i in range(depth - 1)]
+        g_after = [torch.empty_like(p[:-1]) for p in path]  # gradient at each sub-chunk's end state
+        for g, ge in zip(g_after, g_end, strict=True):
+            g[-1] = ge
+        g_states, g_anchor = [None] * depth, [None] * depth
+        g_z0, g_dout = torch.empty_like(ds[0]), torch.empty_like(ds[-1])
+
+        def unmix(layer: int, u: int, out: Tensor) -> None:  # gradient at sub-chunk u's start state
+            torch.baddbmm(g_before[layer][u].view(bh, 2, -1), mix[u].transpose(-1, -2),
+                          g_after[layer][u].view(bh, 2, -1), out=out.view(bh, 2, -1))
+
+        for i in reversed(range(m)):
+            at, first = [a[i] for a in anchors], i * subs
+            for layer in range(depth):  # back through the mixing of all but the chunk's first sub-chunk
+                for u in range(first + subs - 1, first, -1):
+                    unmix(layer, u, g_after[layer][u - 1])
+            g_x = [g[first : first + subs] for g in g_after]  # [s, B H, 2 d_l, d_{l+1}]
+            # the writes subtract h_w^T d: d's gradient, then through d's own back-propagation
+            g_d = [g_ds[layer][i] - from_subchunks(h_written[layer][i].transpose(-1, -2) @ g_x[layer])
+                   for layer in range(depth)]
+            g_z, g_a = [None] * depth, [None] * depth
+            for layer in range(depth - 1):
+                g_e = g_d[layer] * slopes[layer][i]
+                g_z[layer] = torch.addcmul(g_zs[layer][i], g_d[layer], bends[layer][i])
+                g_d[layer + 1] = torch.baddbmm(g_d[layer + 1], g_e, at[layer + 1])
+                g_a[layer + 1] = g_e.transpose(-1, -2) @ ds[layer + 1][i]
+            g_z[-1] = g_dout[i] = g_d[-1]  # d_{L-1} = z_{L-1} - v
+            # then through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l)
+            for layer in range(depth - 1, -1, -1):
+                h_t = hs[layer][i].transpose(-1, -2)
+                g_a[layer] = h_t @ g_z[layer] if g_a[layer] is None else torch.baddbmm(g_a[layer], h_t, g_z[layer])
+                if layer == 0:
+                    g_z0[i] = g_z[0]
+                    continue
+                g_hw = (g_x[layer] @ to_subchunks(ds[layer][i], subs).transpose(-1, -2)).unflatten(-2, (2, -1))
+                w = sub_writes[i]  # [s, B H, 2, 1, r]; g_hw [s, B H, 2, d_l, r] is minus the gradient of h_w
+                minus_g_h = from_subchunks(torch.addcmul(g_hw[:, :, 0] * w[:, :, 0], g_hw[:, :, 1], w[:, :, 1])
+                                           .transpose(-1, -2))
+                g_h = torch.baddbmm(minus_g_h, g_z[layer], at[layer].transpose(-1, -2), beta=-1)
+                g_z[layer - 1] = torch.addcmul(g_z[layer - 1], g_h, slopes[layer - 1][i])
+            for layer in range(depth):  # the first sub-chunk's mixing; the anchor is the chunk's start weights
+                before = g_after[layer][first - 1] if i else torch.empty_like(g_after[layer][0])
+                unmix(layer, first, before)
+                if i:
+                    before[:, : rows[layer]] += g_a[layer]
+                else:
+                    g_states[layer], g_anchor[layer] = before, g_a[layer]
+        # batched over all chunks: what flows to k, v, write and mix
+        g_k = g_z0 @ anchors[0].transpose(-1, -2)
+        g_write, g_mix = torch.zeros_like(sub_writes), torch.zeros_like(mix)
+        for layer, (g, h, d, p) in enumerate(zip(g_after, hs, ds, path, strict=True)):
+            g_hw = (g.unflatten(0, (m, subs)) @ to_subchunks(d, subs).transpose(-1, -2)).unflatten(-2, (2, -1))
+            g_write -= (g_hw * to_subchunks(h, subs).transpose(-1, -2).unsqueeze(-3)).sum(-2, keepdim=True)
+            if layer == 0:
+                g_k -= from_subchunks((g_hw * sub_writes).sum(-3).transpose(-1, -2))
+            g_mix += g.flatten(-2).unflatten(-1, (2, -1)) @ p[:-1].flatten(-2).unflatten(-1, (2, -1)).transpose(-1, -2)
+        return (None, *g_states, *g_anchor, g_k, -g_dout, g_write.flatten(0, 1), g_mix)
+
+
+def read_chunks(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, co: dict[str, Tensor]) -> Tensor:
+    """The query reads of all m sub-chunks at once, as batched matmuls: layer l's pre-activation of the query
+    at t is B_t x W_l + BC_t x S_l - sum_i G[t, i] (x . H_l[i]) D_l[i], from the state at the sub-chunk's
+    start (path: [m, B H, 2 d_l, d_{l+1}]). hs: the keys' layer inputs (k first) and ds: their signals,
+    both [m, B H, r, .]."""
+    m, bh, c, _ = q.shape
     x = q
-    for layer, inputs in enumerate([k, *h]):
-        z = co["B"] * (x @ w[layer]) + co["BC"] * (x @ s[layer]) - (co["G"] * (x @ inputs.transpose(-1, -2))) @ d[layer]
-        x = F.silu(z) if layer < len(w) - 1 else z
-    return x, weights, momentum
+    for layer, (p, h, d) in enumerate(zip(path, hs, ds, strict=True)):
+        bbc_x = (x.unsqueeze(-2) * co["BBC"]).flatten(-2)  # [m, B H, r, 2 d_l] against (W; S) [2 d_l, d_{l+1}]
+        decayed = co["G"] * (x @ h.transpose(-1, -2))  # [m, B H, r, r]
+        z = torch.baddbmm(torch.bmm(bbc_x.flatten(0, 1), p.flatten(0, 1)), decayed.flatten(0, 1),
+                          d.flatten(0, 1), alpha=-1).view(m, bh, c, -1)
+        x = F.silu(z) if layer < len(path) - 1 else z
+    return x
 
 
 def chunked_scan(
     weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], offset: int, chunk: int,
-    q: Tensor, k: Tensor, v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor, read_chunk: int = 16,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The dual form over a call, in up to three groups of equal chunks: the rest of a chunk begun in an
-    earlier call (anchored where it began), the whole chunks, then a trailing partial chunk."""
+    earlier call (anchored where it began), the whole chunks, then a trailing partial chunk. A chunk that is
+    a multiple of `read_chunk` is read in sub-chunks of that size which share its anchor: the same result,
+    with c x c decay work per sub-chunk instead of per chunk. Batch and heads are merged into one dimension,
+    chunk-major, so that every per-chunk slice is a 3-d tensor for bmm."""
     batch, heads, n = q.shape[:3]
+    depth, rows = len(weights), [w.shape[-2] for w in weights]
     first = min(n, chunk - offset) if offset else 0
     whole = (n - first) // chunk
     groups = [(size, count) for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1))
@@ -239,17 +361,25 @@ def chunked_scan(
     lengths = [size * count for size, count in groups]
     pieces = [x.split(lengths, dim=-2) for x in (q, k, v)]
     gates = [x.split(lengths, dim=-1) for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
-    weights, momentum, anchor = ([t.flatten(0, 1) for t in ts] for ts in (weights, momentum, anchor))
+    states = [torch.cat([w, s], -2).flatten(0, 1) for w, s in zip(weights, momentum, strict=True)]
+    anchor = [a.flatten(0, 1) for a in anchor]
     ys, start = [], 0
     for i, (size, count) in enumerate(groups):
         continued = (offset + start) % chunk != 0
-        co = chunk_coefficients(*(g[i].unflatten(-1, (count, size)).movedim(2, 0).flatten(1, 2) for g in gates))
-        qkv = (p[i].unflatten(-2, (count, size)).movedim(2, 0).flatten(1, 2) for p in pieces)  # [m, B H, c, dh]
+        subs = size // read_chunk if size > read_chunk and size % read_chunk == 0 else 1
+        co = chunk_coefficients(*(g[i].unflatten(-1, (count * subs, -1)).movedim(2, 0).flatten(1, 2) for g in gates))
+        kc, vc = (p[i].unflatten(-2, (count, size)).movedim(2, 0).flatten(1, 2) for p in pieces[1:])  # [m, B H, c, dh]
         # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
-        anchor = anchor if continued else weights
-        y, weights, momentum = scan_chunks(weights, momentum, anchor, *qkv, co)
+        anchor = anchor if continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]
+        out = KeyScan.apply(depth, *states, *anchor, kc, vc, co["write"], co["mix"])
+        path, states = out[:depth], out[depth : 2 * depth]
+        zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
+        hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
+        qc = pieces[0][i].unflatten(-2, (count * subs, -1)).movedim(2, 0).flatten(1, 2)  # [m s, B H, r, dh]
+        y = read_chunks(path, hs, ds, qc, co)
         ys.append(y.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3))
         start += size * count
+    weights, momentum = ([s[:, r:] if part else s[:, :r] for s, r in zip(states, rows, strict=True)] for part in (0, 1))
     weights, momentum, anchor = ([t.unflatten(0, (batch, heads)) for t in ts] for ts in (weights, momentum, anchor))
     return torch.cat(ys, dim=-2), weights, momentum, anchor
 
@@ -370,7 +500,7 @@ class NeuralMemory(nn.Module):
             y, weights, momentum, anchor = reference_scan(*args, rule=c.rule, seed_gamma=c.seed_gamma,
                                                           diagnostics=diagnostics)
         else:
-            y, weights, momentum, anchor = chunked_scan(*args)
+            y, weights, momentum, anchor = chunked_scan(*args, read_chunk=c.read_chunk)
         new_state = {"weights": weights, "momentum": momentum, "anchor": anchor,
                      "offset": (state["offset"] + x.shape[1]) % c.chunk, "conv": tail}
         return self.finish(y, x), new_state

@@ -11,6 +11,7 @@ from models.neural_memory import (
     CausalDepthwiseConv,
     MemoryConfig,
     NeuralMemory,
+    chunk_coefficients,
     chunked_scan,
     l2_normalise,
     mlp_backprop,
@@ -29,7 +30,7 @@ def scan_inputs(depth, n=101, momentum=True, forgetting=True, b=2, h=3, dh=8, hi
     weights = [rnd(b, h, i, o) / i**0.5 for i, o in zip(widths, widths[1:], strict=False)]
     momentum_state = [0.01 * rnd(*w.shape) for w in weights]
     q, k, v = (l2_normalise(rnd(b, h, n, dh)) for _ in range(3))
-    log_eta = F.logsigmoid(eta_scale * rnd(b, h, n)) if momentum else torch.full((b, h, n), NO_MOMENTUM_LOG)
+    log_eta = F.logsigmoid(eta_scale * rnd(b, h, n)) if momentum else torch.full_like(rnd(b, h, n), NO_MOMENTUM_LOG)
     log_keep = F.logsigmoid(-2 * rnd(b, h, n)) if forgetting else torch.zeros(b, h, n, dtype=torch.float64)
     theta = 0.2 * torch.sigmoid(rnd(b, h, n))
     return weights, momentum_state, q, k, v, log_eta, log_keep, theta
@@ -74,6 +75,14 @@ def test_fast_decaying_momentum_in_large_chunks_stays_accurate_in_fp32():
     assert rel_err(run(chunked_scan, 64, inputs, torch.float32)[0], y_ref) < 1e-5
 
 
+def test_gate_coefficients_use_the_widest_gate_precision():
+    _, _, _, _, _, log_eta, log_keep, theta = scan_inputs(1, n=16)
+    wide = chunk_coefficients(log_eta, log_keep, theta)
+    mixed = chunk_coefficients(log_eta.float(), log_keep, theta)  # e.g. a constant "momentum off" gate in fp32
+    torch.testing.assert_close(mixed["BBC"], wide["BBC"], rtol=1e-6, atol=0)
+    assert (mixed["BBC"][..., 0, :] == wide["BBC"][..., 0, :]).all()  # B depends on log_keep alone: exact
+
+
 def test_explicit_backprop_equals_autograd():
     weights, _, _, k, v, *_ = scan_inputs(3, n=5)
     weights = [w.clone().requires_grad_(True) for w in weights]
@@ -90,6 +99,49 @@ def test_gradcheck_through_the_inner_updates():
 
     def f(w1, w2, q, k, v, le, lk, th):
         return chunked_scan([w1, w2], mom, [w1, w2], 0, 3, q, k, v, le, lk, th)[0]
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+GRAD_CASES = [(chunk, read, depth, momentum) for chunk, read in ((1, 16), (4, 16), (16, 16), (16, 4), (32, 8))
+              for depth in (1, 2, 3) for momentum in (True, False)]
+
+
+@pytest.mark.parametrize("chunk,read_chunk,depth,momentum", GRAD_CASES)
+def test_hand_written_scan_backward_equals_autograd_through_the_token_loop(chunk, read_chunk, depth, momentum):
+    # a call that starts inside a chunk (its own anchor), whole chunks cut into sub-chunks, and a partial tail
+    weights, mom, q, k, v, log_eta, log_keep, theta = scan_inputs(depth, n=83, momentum=momentum)
+    g = torch.Generator().manual_seed(5)
+    anchor = [w + 0.1 * torch.randn(w.shape, generator=g, dtype=w.dtype) for w in weights]
+    leaves = [t.clone().requires_grad_(True) for t in (*weights, *mom, *anchor, q, k, v, log_eta, log_keep, theta)]
+    offset = min(3, chunk - 1)
+    probes = None
+
+    def grads(scan, **kw):
+        nonlocal probes
+        w, s, a = (leaves[i * depth : (i + 1) * depth] for i in range(3))
+        y, w_end, s_end, _ = scan(w, s, a, offset, chunk, *leaves[3 * depth :], **kw)
+        outs = [y, *w_end, *s_end]
+        probes = probes or [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+        loss = sum((o * p).sum() for o, p in zip(outs, probes, strict=True))
+        return torch.autograd.grad(loss, [t for t in leaves if t.requires_grad], allow_unused=True)
+
+    expected, got = grads(reference_scan), grads(chunked_scan, read_chunk=read_chunk)
+    for e, a in zip(expected, got, strict=True):
+        if e is None:  # momentum off: the log eta gates have no effect
+            assert a is None or a.abs().max() == 0
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
+
+
+def test_gradcheck_with_sub_chunks_and_a_chunk_continued_from_an_earlier_call():
+    weights, mom, q, k, v, log_eta, log_keep, theta = scan_inputs(3, n=11, b=1, h=1, dh=3, hidden=4)
+    anchor = [0.9 * w for w in weights]
+    leaves = [t.clone().requires_grad_(True) for t in (*weights, *mom, *anchor, q, k, v, log_eta, log_keep, theta)]
+
+    def f(*t):
+        y, w, s, _ = chunked_scan(list(t[:3]), list(t[3:6]), list(t[6:9]), 1, 4, *t[9:], read_chunk=2)
+        return (y, *w, *s)
 
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
 
