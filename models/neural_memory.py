@@ -300,38 +300,41 @@ class KeyScan(torch.autograd.Function):
                     for u in range(first + subs - 1, first, -1):
                         unmix(layer, u, g_after[layer][u - 1])
                 g_x = [g[first : first + subs] for g in g_after]  # [s, B H, 2 d_l, d_{l+1}]
+                # the chunk's start state: through the first sub-chunk's mixing, and, as the chunk's anchor (its
+                # start weights, or the given anchor for the first chunk), every term below accumulates into g_a
+                g_a = []
+                for layer, r in enumerate(rows):
+                    before = g_after[layer][first - 1] if i else torch.empty_like(g_after[layer][0])
+                    unmix(layer, first, before)
+                    g_a.append(before[:, :r] if i else torch.zeros_like(anchor[layer]))
+                    if not i:
+                        g_states[layer], g_anchor[layer] = before, g_a[layer]
                 # the writes subtract h_w^T d: d's gradient, then through d's own back-propagation
                 g_d = [from_subchunks(torch.baddbmm(
                     to_subchunks(g_ds[layer][i], subs).reshape(bh * subs, c // subs, -1),  # a view when s = 1
                     h_written[layer][i].flatten(0, 1).transpose(-1, -2), g_x[layer].flatten(0, 1), alpha=-1,
                 ).view(subs, bh, c // subs, -1)) for layer in range(depth)]
-                g_z, g_a = [None] * depth, [None] * depth
+                g_z = [None] * depth
                 for layer in range(depth - 1):
                     g_e = g_d[layer] * slopes[layer][i]
                     g_z[layer] = torch.addcmul(g_zs[layer][i], g_d[layer], bends[layer][i])
                     g_d[layer + 1] = torch.baddbmm(g_d[layer + 1], g_e, at[layer + 1])
-                    g_a[layer + 1] = g_e.transpose(-1, -2) @ ds[layer + 1][i]
+                    torch.baddbmm(g_a[layer + 1], g_e.transpose(-1, -2), ds[layer + 1][i], out=g_a[layer + 1])
                 g_z[-1] = g_dout[i] = g_d[-1]  # d_{L-1} = z_{L-1} - v
                 # then through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l)
                 for layer in range(depth - 1, -1, -1):
-                    h_t = hs[layer][i].transpose(-1, -2)
-                    g_a[layer] = h_t @ g_z[layer] if g_a[layer] is None else torch.baddbmm(g_a[layer], h_t, g_z[layer])
+                    torch.baddbmm(g_a[layer], hs[layer][i].transpose(-1, -2), g_z[layer], out=g_a[layer])
                     if layer == 0:
-                        g_z0[i] = g_z[0]
+                        if depth == 1:
+                            g_z0[i] = g_z[0]
                         continue
                     g_hw = (g_x[layer] @ to_subchunks(ds[layer][i], subs).transpose(-1, -2)).unflatten(-2, (2, -1))
                     w = sub_writes[i]  # [s, B H, 2, 1, r]; g_hw [s, B H, 2, d_l, r] is minus the gradient of h_w
                     minus_g_h = from_subchunks(torch.addcmul(g_hw[:, :, 0] * w[:, :, 0], g_hw[:, :, 1], w[:, :, 1])
                                                .transpose(-1, -2))
                     g_h = torch.baddbmm(minus_g_h, g_z[layer], at[layer].transpose(-1, -2), beta=-1)
-                    g_z[layer - 1] = torch.addcmul(g_z[layer - 1], g_h, slopes[layer - 1][i])
-                for layer in range(depth):  # the first sub-chunk's mixing; the anchor is the chunk's start weights
-                    before = g_after[layer][first - 1] if i else torch.empty_like(g_after[layer][0])
-                    unmix(layer, first, before)
-                    if i:
-                        before[:, : rows[layer]] += g_a[layer]
-                    else:
-                        g_states[layer], g_anchor[layer] = before, g_a[layer]
+                    g_z[layer - 1] = torch.addcmul(g_z[layer - 1], g_h, slopes[layer - 1][i],
+                                                   out=g_z0[i] if layer == 1 else None)
         # batched over all chunks: what flows to k, v, write and mix
         g_k = g_z0 @ anchors[0].transpose(-1, -2)
         g_write, g_mix = torch.zeros_like(sub_writes), torch.zeros_like(mix)
