@@ -227,9 +227,12 @@ def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, 
     writes = write.unflatten(0, (m, subs)).unbind(0)
     mixes = [list(x.unbind(0)) for x in mix.unflatten(0, (m, subs)).unbind(0)]
     k_written = written(to_subchunks(k, subs), write.unflatten(0, (m, subs))).unbind(0)  # [s, B H, 2 d_0, r]
+    h_buffers = [k.new_empty(subs, bh, 2 * r, c // subs) for r in rows[1:]]
+    starts = [p[: m * subs : subs, :, :r].unbind(0) for p, r in zip(path, rows, strict=True)]  # chunk start weights
+    z_chunks, d_chunks = ([x.unbind(0) for x in xs] for xs in (zs, ds))
     for i, (k_i, v_i) in enumerate(zip(k.unbind(0), v.unbind(0), strict=True)):
-        at = anchor if i == 0 else [before[i][0, :, :r] for (before, _), r in zip(per_chunk, rows, strict=True)]
-        z_i, d_i = [z[i] for z in zs], [d[i] for d in ds]
+        at = anchor if i == 0 else [a[i] for a in starts]
+        z_i, d_i = [z[i] for z in z_chunks], [d[i] for d in d_chunks]
         hs = [k_i]
         for layer in range(depth - 1):
             hs.append(F.silu(torch.bmm(hs[-1], at[layer], out=z_i[layer])))
@@ -237,13 +240,18 @@ def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, 
         for layer in range(depth - 2, -1, -1):
             torch.ops.aten.silu_backward.grad_input(d_i[layer + 1] @ at[layer + 1].transpose(-1, -2), z_i[layer],
                                                     grad_input=d_i[layer])
-        for layer, ((before, after), r) in enumerate(zip(per_chunk, rows, strict=True)):
-            h_w = k_written[i] if layer == 0 else written(to_subchunks(hs[layer], subs), writes[i])
+        for layer, (before, after) in enumerate(per_chunk):
+            if layer == 0:
+                h_w = k_written[i]
+            else:  # into a contiguous buffer: mul would lay its output out like the transposed h
+                h_w = h_buffers[layer - 1]
+                torch.mul(writes[i], to_subchunks(hs[layer], subs).transpose(-1, -2).unsqueeze(-3),
+                          out=h_w.unflatten(-2, (2, -1)))
             d_sub = to_subchunks(d_i[layer], subs)
             for j in range(subs):
-                # (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d): one small bmm mixes, one baddbmm writes
-                mixed = torch.bmm(mixes[i][j], before[i][j].view(bh, 2, -1)).view(bh, 2 * r, -1)
-                torch.baddbmm(mixed, h_w[j], d_sub[j], alpha=-1, out=after[i][j])
+                # (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d): a small bmm mixes, a baddbmm writes in place
+                torch.bmm(mixes[i][j], before[i][j].view(bh, 2, -1), out=after[i][j].view(bh, 2, -1))
+                torch.baddbmm(after[i][j], h_w[j], d_sub[j], alpha=-1, out=after[i][j])
     return path, zs, ds
 
 
