@@ -308,46 +308,51 @@ class KeyScan(torch.autograd.Function):
                     for u in range(first + subs - 1, first, -1):
                         unmix(layer, u, g_after[layer][u - 1])
                 g_x = [g[first : first + subs] for g in g_after]  # [s, B H, 2 d_l, d_{l+1}]
-                # the chunk's start state: through the first sub-chunk's mixing, and, as the chunk's anchor (its
-                # start weights, or the given anchor for the first chunk), every term below accumulates into g_a
-                g_a = []
-                for layer, r in enumerate(rows):
-                    before = g_after[layer][first - 1] if i else torch.empty_like(g_after[layer][0])
-                    unmix(layer, first, before)
-                    g_a.append(before[:, :r] if i else torch.zeros_like(anchor[layer]))
-                    if not i:
-                        g_states[layer], g_anchor[layer] = before, g_a[layer]
                 # the writes subtract h_w^T d: d's gradient, then through d's own back-propagation
                 g_d = [from_subchunks(torch.baddbmm(
                     to_subchunks(g_ds[layer][i], subs).reshape(bh * subs, c // subs, -1),  # a view when s = 1
                     h_written[layer][i].flatten(0, 1).transpose(-1, -2), g_x[layer].flatten(0, 1), alpha=-1,
                 ).view(subs, bh, c // subs, -1)) for layer in range(depth)]
-                g_z = [None] * depth
+                g_z, g_a = [None] * depth, [None] * depth  # g_a: the gradient at the chunk's anchor
                 for layer in range(depth - 1):
                     g_e = g_d[layer] * slopes[layer][i]
                     g_z[layer] = torch.addcmul(g_zs[layer][i], g_d[layer], bends[layer][i])
                     g_d[layer + 1] = torch.baddbmm(g_d[layer + 1], g_e, at[layer + 1])
-                    torch.baddbmm(g_a[layer + 1], g_e.transpose(-1, -2), ds[layer + 1][i], out=g_a[layer + 1])
+                    g_a[layer + 1] = g_e.transpose(-1, -2) @ ds[layer + 1][i]
                 g_z[-1] = g_dout[i] = g_d[-1]  # d_{L-1} = z_{L-1} - v
                 # then through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l)
                 for layer in range(depth - 1, -1, -1):
-                    torch.baddbmm(g_a[layer], hs[layer][i].transpose(-1, -2), g_z[layer], out=g_a[layer])
+                    h_t = hs[layer][i].transpose(-1, -2)
+                    if g_a[layer] is None:
+                        g_a[layer] = h_t @ g_z[layer]
+                    else:  # in place: the accumulator is contiguous, so bmm's batched path applies
+                        torch.baddbmm(g_a[layer], h_t, g_z[layer], out=g_a[layer])
                     if layer == 0:
                         if depth == 1:
                             g_z0[i] = g_z[0]
                         continue
-                    g_hw = (g_x[layer] @ to_subchunks(ds[layer][i], subs).transpose(-1, -2)).unflatten(-2, (2, -1))
+                    d_t = to_subchunks(ds[layer][i], subs).reshape(subs * bh, c // subs, -1).transpose(-1, -2)
+                    g_hw = torch.bmm(g_x[layer].flatten(0, 1), d_t).view(subs, bh, 2, rows[layer], -1)
                     w = sub_writes[i]  # [s, B H, 2, 1, r]; g_hw [s, B H, 2, d_l, r] is minus the gradient of h_w
                     minus_g_h = from_subchunks(torch.addcmul(g_hw[:, :, 0] * w[:, :, 0], g_hw[:, :, 1], w[:, :, 1])
                                                .transpose(-1, -2))
                     g_h = torch.baddbmm(minus_g_h, g_z[layer], at[layer].transpose(-1, -2), beta=-1)
                     g_z[layer - 1] = torch.addcmul(g_z[layer - 1], g_h, slopes[layer - 1][i],
                                                    out=g_z0[i] if layer == 1 else None)
+                for layer, r in enumerate(rows):  # the chunk's start state, through its first sub-chunk's mixing
+                    before = g_after[layer][first - 1] if i else torch.empty_like(g_after[layer][0])
+                    unmix(layer, first, before)
+                    if i:  # the anchor is the chunk's start weights
+                        before[:, :r] += g_a[layer]
+                    else:
+                        g_states[layer], g_anchor[layer] = before, g_a[layer]
         # batched over all chunks: what flows to k, v, write and mix
         g_k = g_z0 @ anchors[0].transpose(-1, -2)
         g_write, g_mix = torch.zeros_like(sub_writes), torch.zeros_like(mix)
         for layer, (g, h, d, p) in enumerate(zip(g_after, hs, ds, path, strict=True)):
-            g_hw = (g.unflatten(0, (m, subs)) @ to_subchunks(d, subs).transpose(-1, -2)).unflatten(-2, (2, -1))
+            # explicit 3-d bmm: matmul on these 5-d views falls back to one small product per matrix
+            d_t = to_subchunks(d, subs).reshape(m * subs * bh, c // subs, -1).transpose(-1, -2)
+            g_hw = torch.bmm(g.flatten(0, 1), d_t).view(m, subs, bh, 2, rows[layer], -1)  # [m, s, B H, 2, d_l, r]
             g_write -= (g_hw * to_subchunks(h, subs).transpose(-1, -2).unsqueeze(-3)).sum(-2, keepdim=True)
             if layer == 0:
                 g_k -= from_subchunks((g_hw * sub_writes).sum(-3).transpose(-1, -2))
