@@ -7,8 +7,9 @@ What each computes: ours follows the paper (gradients anchored at every chunk st
 reads after each token's write); titans-pytorch takes every inner gradient at the call's initial weights
 unless a batch size is set, pools the gates per chunk and reads chunk-end weights only.
 
-Implementations are timed in turn for each (chunk, n) cell, each time the best of `--repeats` runs after a
-warm-up: on shared machines the minimum is the least noisy estimate of what the code costs.
+For each (chunk, n) cell the implementations are timed interleaved, repeat after repeat, so that all of
+them see the same phases of a shared machine, and the best of `--repeats` runs after a warm-up counts: the
+minimum is the least noisy estimate of what the code costs.
 
     python -m bench.memory_speed --lengths 1024,4096,16384 --chunks 16,64 --threads 2 --titans-pytorch
 """
@@ -56,33 +57,38 @@ class _Wrap(torch.nn.Module):
         return self.fn(x)
 
 
-def best_time(fn: Callable[[], None], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def measure(layer: torch.nn.Module, batch: int, n: int, dim: int, repeats: int) -> dict[str, float]:
+def measure_cell(layers: dict[str, torch.nn.Module], batch: int, n: int, dim: int,
+                 repeats: int) -> dict[str, dict[str, float]]:
+    """Tokens/s of forward and forward + backward, and forward GFLOP/s, for each implementation at one
+    (chunk, n) cell. Repeats are interleaved (forward of each, then training step of each, `repeats` times
+    after a warm-up round) so that every implementation sees the same phases of a shared machine; the
+    fastest repeat counts."""
     x = torch.randn(batch, n, dim)
 
-    def forward():
+    def forward(layer):
         with torch.inference_mode():
             layer(x)
 
-    def train():
+    def train(layer):
         xg = x.clone().requires_grad_(True)
         layer(xg).square().mean().backward()
         layer.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:
-        layer(x)
-    t_fwd, t_train = best_time(forward, repeats), best_time(train, repeats)
-    return {"fwd_tok_s": batch * n / t_fwd, "train_tok_s": batch * n / t_train,
-            "fwd_gflops": counter.get_total_flops() / t_fwd / 1e9}
+    flops, best = {}, {}
+    for name, layer in layers.items():
+        with FlopCounterMode(display=False) as counter:
+            layer(x)
+        flops[name] = counter.get_total_flops()
+    for repeat in range(repeats + 1):
+        for mode, step in (("fwd", forward), ("train", train)):
+            for name, layer in layers.items():
+                start = time.perf_counter()
+                step(layer)
+                elapsed = time.perf_counter() - start
+                if repeat:  # the first round warms up
+                    best[name, mode] = min(best.get((name, mode), elapsed), elapsed)
+    return {name: {"fwd_tok_s": batch * n / best[name, "fwd"], "train_tok_s": batch * n / best[name, "train"],
+                   "fwd_gflops": flops[name] / best[name, "fwd"] / 1e9} for name in layers}
 
 
 def verdicts(results: dict[tuple[str, int, int], dict[str, float]]) -> list[str]:
@@ -129,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for chunk in (int(c) for c in args.chunks.split(",")):
         for n in (int(v) for v in args.lengths.split(",")):
-            for name, make in impls.items():
-                r = measure(make(args.dim, args.heads, args.depth, chunk), args.batch, n, args.dim, args.repeats)
+            layers = {name: make(args.dim, args.heads, args.depth, chunk) for name, make in impls.items()}
+            for name, r in measure_cell(layers, args.batch, n, args.dim, args.repeats).items():
                 results[name, chunk, n] = r
                 print(f"{name:<15} {chunk:>5} {n:>6} {r['fwd_tok_s']:>11,.0f} {r['train_tok_s']:>14,.0f} "
                       f"{r['fwd_gflops']:>12.1f} {100 * r['fwd_gflops'] / peak:>6.1f}%", flush=True)

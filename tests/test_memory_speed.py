@@ -4,7 +4,7 @@ targets live in `python -m bench.memory_speed`, never in unit-test assertions.""
 import pytest
 import torch
 
-from bench.memory_speed import main, matmul_peak_gflops, measure, ours, verdicts
+from bench.memory_speed import main, matmul_peak_gflops, measure_cell, ours, verdicts
 
 
 @pytest.mark.parametrize("chunk", [16, 64])
@@ -28,7 +28,7 @@ def test_speed_script_reports_tokens_per_second_and_flop_rate(capsys):
     assert main(["--lengths", "256", "--chunks", "16", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "matmul peak" in out and "ours" in out
-    r = measure(ours(64, 4, 2, 16), 2, 256, 64, 1)
+    r = measure_cell({"ours": ours(64, 4, 2, 16)}, 2, 256, 64, 1)["ours"]
     assert r["fwd_tok_s"] > 0 and r["train_tok_s"] > 0 and 0 < r["fwd_gflops"] < 10 * matmul_peak_gflops(256, 3)
 
 
