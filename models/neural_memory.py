@@ -237,6 +237,7 @@ def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, 
     for i, (k_i, v_i) in enumerate(zip(k.unbind(0), v.unbind(0), strict=True)):
         at = anchor if i == 0 else [a[i] for a in starts]
         z_i, d_i = [z[i] for z in z_chunks], [d[i] for d in d_chunks]
+        # mlp_forward and mlp_backprop with fused kernels (silu_backward has no autograd formula; none is needed)
         hs = [k_i]
         for layer in range(depth - 1):
             hs.append(F.silu(torch.bmm(hs[-1], at[layer], out=z_i[layer])))
