@@ -27,9 +27,10 @@ def test_memory_layer_speed(benchmark, chunk, mode):
 def test_speed_script_reports_tokens_per_second_and_flop_rate(capsys):
     assert main(["--lengths", "256", "--chunks", "16", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "matmul peak" in out and "ours" in out
+    assert "matmul peak" in out and "ours" in out and "fwd GFLOP " in out
     r = measure_cell({"ours": ours(64, 4, 2, 16)}, 2, 256, 64, 1)["ours"]
     assert r["fwd_tok_s"] > 0 and r["train_tok_s"] > 0 and 0 < r["fwd_gflops"] < 10 * matmul_peak_gflops(256, 3)
+    assert r["fwd_gflop"] == pytest.approx(r["fwd_gflops"] * 2 * 256 / r["fwd_tok_s"])  # work = rate x time
 
 
 def test_verdicts_judge_each_target_from_the_measured_numbers():
