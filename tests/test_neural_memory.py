@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from models.neural_memory import (
     NO_MOMENTUM_LOG,
     CausalDepthwiseConv,
+    KeyScan,
     MemoryConfig,
     NeuralMemory,
     chunk_coefficients,
@@ -162,6 +163,21 @@ def test_layer_gradients_of_both_paths_agree_and_reach_every_parameter():
     for (name, p), q in zip(chunked.named_parameters(), ref.parameters(), strict=True):
         assert p.grad is not None and p.grad.abs().max() > 0, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_chunk_loops_leave_the_thread_count_as_they_found_it():
+    layer = NeuralMemory(32, MemoryConfig(chunk=4)).double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer(torch.randn(1, 20, 32, dtype=torch.float64, requires_grad=True))[0].sum().backward()
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), torch.no_grad():  # an error inside the loop restores it too
+            KeyScan.apply(1, torch.zeros(1, 4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 1, 4, 5),
+                          torch.zeros(1, 1, 4, 3), torch.zeros(1, 1, 2, 1, 4), torch.zeros(1, 1, 2, 2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("path", ["chunked", "reference"])
