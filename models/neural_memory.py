@@ -43,9 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from models import native_scan
 
 RULES = ("titans", "seed", "seed_corrected")
 PATHS = ("chunked", "reference")
+KERNELS = ("auto", "native", "torch")
 NO_MOMENTUM_LOG = -1.0e4  # log eta when momentum is off: exp() of any sum of it is exactly 0
 
 
@@ -64,12 +68,15 @@ class MemoryConfig:
     path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
     block: int = 512  # longer inputs are streamed through the state in blocks of this many tokens
     read_chunk: int = 16  # a chunk that is a multiple of it is read in sub-chunks of this size (same result)
+    kernel: str = "auto"  # the chunked path's key scan: "native" (compiled, CPU), "torch", or native where usable
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown memory rule {self.rule!r}; valid: {', '.join(RULES)}")
         if self.path not in PATHS:
             raise ValueError(f"unknown memory path {self.path!r}; valid: {', '.join(PATHS)}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown memory kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
         if min(self.depth, self.chunk, self.conv_kernel, self.n_heads, self.block, self.read_chunk) < 1:
             raise ValueError("memory depth, chunk, conv_kernel, n_heads, block and read_chunk must be >= 1")
 
@@ -187,6 +194,18 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def use_native(kernel: str, *tensors: Tensor) -> bool:
+    """Whether the key scan runs compiled. Under a dispatch mode (FlopCounterMode, fake tensors) the torch
+    loop runs instead, so that the mode sees every product: the compiled loop is invisible to it."""
+    if kernel == "torch" or _get_current_dispatch_mode() is not None:
+        return False
+    usable = native_scan.usable(*tensors)
+    if kernel == "native" and not usable:
+        raise RuntimeError("memory kernel 'native' needs CPU tensors in float32 or float64 and a C++ compiler "
+                           "(see the warning above); use kernel 'auto' or 'torch'")
+    return usable
+
+
 def written(h: Tensor, write: Tensor) -> Tensor:
     """Layer inputs h [.., c, d] scaled for the weight and the momentum update, stacked: [.., 2 d, c]."""
     return (write * h.transpose(-1, -2).unsqueeze(-3)).flatten(-3, -2)
@@ -259,18 +278,98 @@ def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, 
     return path, zs, ds
 
 
+def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
+                       zs: list[Tensor], ds: list[Tensor], g_before: list[Tensor], g_end: list[Tensor],
+                       g_zs: list[Tensor], g_ds: list[Tensor]) -> tuple[list[Tensor], ...]:
+    """The reverse pass over the chunks of scan_keys. From the gradients of its outputs (states before every
+    sub-chunk, end state, z_l, d_l) to the gradients at every sub-chunk's end state, of z_0 (of d_0 at depth
+    1) and of d_{L-1} = M(k) - v, of the start states and of the first anchor. The rest (k, v, write, mix)
+    does not flow back into earlier chunks and is left to batched products (KeyScan.backward)."""
+    depth, (m, bh, c, _) = len(path), k.shape
+    subs, rows = write.shape[0] // m, [p.shape[-2] // 2 for p in path]
+    anchors = [torch.cat([a.unsqueeze(0), p[subs : m * subs : subs, :, :r]]) for a, p, r in zip(anchor, path, rows,
+                                                                                                strict=True)]
+    hs = [k, *(F.silu(z) for z in zs)]
+    sub_writes = write.unflatten(0, (m, subs))
+    h_written = [written(to_subchunks(h, subs), sub_writes) for h in hs]  # [m, s, B H, 2 d_l, r]
+    slopes, curvatures = zip(*map(silu_slope_and_curvature, zs), strict=True) if zs else ((), ())
+    # d_l = silu'(z_l) * e_l with e_l = d_{l+1} A_{l+1}^T, so z_l moves d_l by silu''(z_l) * e_l
+    bends = [(ds[i + 1] @ anchors[i + 1].transpose(-1, -2)) * curvatures[i] for i in range(depth - 1)]
+    g_after = [torch.empty_like(p[:-1]) for p in path]  # gradient at each sub-chunk's end state
+    for g, ge in zip(g_after, g_end, strict=True):
+        g[-1] = ge
+    g_states, g_anchor = [None] * depth, [None] * depth
+    g_z0, g_dout = torch.empty_like(ds[0]), torch.empty_like(ds[-1])
+
+    def unmix(layer: int, u: int, out: Tensor) -> None:  # gradient at sub-chunk u's start state
+        torch.baddbmm(g_before[layer][u].view(bh, 2, -1), mix[u].transpose(-1, -2),
+                      g_after[layer][u].view(bh, 2, -1), out=out.view(bh, 2, -1))
+
+    with one_thread():
+        for i in reversed(range(m)):
+            at, first = [a[i] for a in anchors], i * subs
+            for layer in range(depth):  # back through the mixing of all but the chunk's first sub-chunk
+                for u in range(first + subs - 1, first, -1):
+                    unmix(layer, u, g_after[layer][u - 1])
+            g_x = [g[first : first + subs] for g in g_after]  # [s, B H, 2 d_l, d_{l+1}]
+            # the writes subtract h_w^T d: d's gradient, then through d's own back-propagation
+            g_d = [from_subchunks(torch.baddbmm(
+                to_subchunks(g_ds[layer][i], subs).reshape(bh * subs, c // subs, -1),  # a view when s = 1
+                h_written[layer][i].flatten(0, 1).transpose(-1, -2), g_x[layer].flatten(0, 1), alpha=-1,
+            ).view(subs, bh, c // subs, -1)) for layer in range(depth)]
+            g_z, g_a = [None] * depth, [None] * depth  # g_a: the gradient at the chunk's anchor
+            for layer in range(depth - 1):
+                g_e = g_d[layer] * slopes[layer][i]
+                g_z[layer] = torch.addcmul(g_zs[layer][i], g_d[layer], bends[layer][i])
+                g_d[layer + 1] = torch.baddbmm(g_d[layer + 1], g_e, at[layer + 1])
+                g_a[layer + 1] = g_e.transpose(-1, -2) @ ds[layer + 1][i]
+            g_z[-1] = g_dout[i] = g_d[-1]  # d_{L-1} = z_{L-1} - v
+            # then through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l)
+            for layer in range(depth - 1, -1, -1):
+                h_t = hs[layer][i].transpose(-1, -2)
+                if g_a[layer] is None:
+                    g_a[layer] = h_t @ g_z[layer]
+                else:  # in place: the accumulator is contiguous, so bmm's batched path applies
+                    torch.baddbmm(g_a[layer], h_t, g_z[layer], out=g_a[layer])
+                if layer == 0:
+                    if depth == 1:
+                        g_z0[i] = g_z[0]
+                    continue
+                d_t = to_subchunks(ds[layer][i], subs).reshape(subs * bh, c // subs, -1).transpose(-1, -2)
+                g_hw = torch.bmm(g_x[layer].flatten(0, 1), d_t).view(subs, bh, 2, rows[layer], -1)
+                w = sub_writes[i]  # [s, B H, 2, 1, r]; g_hw [s, B H, 2, d_l, r] is minus the gradient of h_w
+                minus_g_h = from_subchunks(torch.addcmul(g_hw[:, :, 0] * w[:, :, 0], g_hw[:, :, 1], w[:, :, 1])
+                                           .transpose(-1, -2))
+                g_h = torch.baddbmm(minus_g_h, g_z[layer], at[layer].transpose(-1, -2), beta=-1)
+                g_z[layer - 1] = torch.addcmul(g_z[layer - 1], g_h, slopes[layer - 1][i],
+                                               out=g_z0[i] if layer == 1 else None)
+            for layer, r in enumerate(rows):  # the chunk's start state, through its first sub-chunk's mixing
+                before = g_after[layer][first - 1] if i else torch.empty_like(g_after[layer][0])
+                unmix(layer, first, before)
+                if i:  # the anchor is the chunk's start weights
+                    before[:, :r] += g_a[layer]
+                else:
+                    g_states[layer], g_anchor[layer] = before, g_a[layer]
+    return g_after, g_z0, g_dout, g_states, g_anchor
+
+
 class KeyScan(torch.autograd.Function):
     """scan_keys with a hand-written backward, a reverse pass over the chunks. Autograd would record dozens
     of small nodes per chunk, and at these sizes its per-node bookkeeping costs more than the arithmetic.
     What does not flow back into earlier chunks (the gradients of k, v, write and mix) is left to batched
-    products after the loop. Checked against autograd through the token loop and by gradcheck."""
+    products after the loop. Both loops run compiled (native_scan) or as torch kernels, chosen by `kernel`.
+    Checked against autograd through the token loop and by gradcheck."""
 
     @staticmethod
-    def forward(ctx, depth: int, *tensors: Tensor):
+    def forward(ctx, depth: int, kernel: str, *tensors: Tensor):
         states, anchor = list(tensors[:depth]), list(tensors[depth : 2 * depth])
         k, v, write, mix = tensors[2 * depth :]
-        with one_thread():
-            path, zs, ds = scan_keys(states, anchor, k, v, write, mix)
+        ctx.native = use_native(kernel, *tensors)
+        if ctx.native:
+            path, zs, ds = native_scan.scan_keys(states, anchor, k, v, write, mix)
+        else:
+            with one_thread():
+                path, zs, ds = scan_keys(states, anchor, k, v, write, mix)
         ctx.depth = depth
         ctx.save_for_backward(*anchor, k, write, mix, *path, *zs, *ds)
         # the states before each sub-chunk and the end state as two outputs: a slice of one output would make
@@ -281,77 +380,21 @@ class KeyScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads: Tensor):
         depth, saved = ctx.depth, ctx.saved_tensors
-        anchor, (k, write, mix) = saved[:depth], saved[depth : depth + 3]
-        path, zs, ds = saved[depth + 3 : 2 * depth + 3], saved[2 * depth + 3 : 3 * depth + 2], saved[3 * depth + 2 :]
-        g_before, g_end = grads[:depth], grads[depth : 2 * depth]
-        g_zs, g_ds = grads[2 * depth : 3 * depth - 1], grads[3 * depth - 1 :]
-        m, bh, c, _ = k.shape
-        subs, rows = write.shape[0] // m, [p.shape[-2] // 2 for p in path]
-        anchors = [torch.cat([a.unsqueeze(0), p[subs : m * subs : subs, :, :r]]) for a, p, r in zip(anchor, path, rows,
-                                                                                                    strict=True)]
+        anchor, (k, write, mix) = list(saved[:depth]), saved[depth : depth + 3]
+        path, zs, ds = (list(x) for x in (saved[depth + 3 : 2 * depth + 3], saved[2 * depth + 3 : 3 * depth + 2],
+                                          saved[3 * depth + 2 :]))
+        g_before, g_end = list(grads[:depth]), list(grads[depth : 2 * depth])
+        g_zs, g_ds = list(grads[2 * depth : 3 * depth - 1]), list(grads[3 * depth - 1 :])
+        backward_loop = native_scan.scan_keys_backward if ctx.native else scan_keys_backward
+        g_after, g_z0, g_dout, g_states, g_anchor = backward_loop(anchor, k, write, mix, path, zs, ds, g_before,
+                                                                  g_end, g_zs, g_ds)
+        (m, bh, c, _), rows = k.shape, [p.shape[-2] // 2 for p in path]
+        subs = write.shape[0] // m
+        first_anchor = torch.cat([anchor[0].unsqueeze(0), path[0][subs : m * subs : subs, :, : rows[0]]])
         hs = [k, *(F.silu(z) for z in zs)]
         sub_writes = write.unflatten(0, (m, subs))
-        h_written = [written(to_subchunks(h, subs), sub_writes) for h in hs]  # [m, s, B H, 2 d_l, r]
-        slopes, curvatures = zip(*map(silu_slope_and_curvature, zs), strict=True) if zs else ((), ())
-        # d_l = silu'(z_l) * e_l with e_l = d_{l+1} A_{l+1}^T, so z_l moves d_l by silu''(z_l) * e_l
-        bends = [(ds[i + 1] @ anchors[i + 1].transpose(-1, -2)) * curvatures[i] for i in range(depth - 1)]
-        g_after = [torch.empty_like(p[:-1]) for p in path]  # gradient at each sub-chunk's end state
-        for g, ge in zip(g_after, g_end, strict=True):
-            g[-1] = ge
-        g_states, g_anchor = [None] * depth, [None] * depth
-        g_z0, g_dout = torch.empty_like(ds[0]), torch.empty_like(ds[-1])
-
-        def unmix(layer: int, u: int, out: Tensor) -> None:  # gradient at sub-chunk u's start state
-            torch.baddbmm(g_before[layer][u].view(bh, 2, -1), mix[u].transpose(-1, -2),
-                          g_after[layer][u].view(bh, 2, -1), out=out.view(bh, 2, -1))
-
-        with one_thread():
-            for i in reversed(range(m)):
-                at, first = [a[i] for a in anchors], i * subs
-                for layer in range(depth):  # back through the mixing of all but the chunk's first sub-chunk
-                    for u in range(first + subs - 1, first, -1):
-                        unmix(layer, u, g_after[layer][u - 1])
-                g_x = [g[first : first + subs] for g in g_after]  # [s, B H, 2 d_l, d_{l+1}]
-                # the writes subtract h_w^T d: d's gradient, then through d's own back-propagation
-                g_d = [from_subchunks(torch.baddbmm(
-                    to_subchunks(g_ds[layer][i], subs).reshape(bh * subs, c // subs, -1),  # a view when s = 1
-                    h_written[layer][i].flatten(0, 1).transpose(-1, -2), g_x[layer].flatten(0, 1), alpha=-1,
-                ).view(subs, bh, c // subs, -1)) for layer in range(depth)]
-                g_z, g_a = [None] * depth, [None] * depth  # g_a: the gradient at the chunk's anchor
-                for layer in range(depth - 1):
-                    g_e = g_d[layer] * slopes[layer][i]
-                    g_z[layer] = torch.addcmul(g_zs[layer][i], g_d[layer], bends[layer][i])
-                    g_d[layer + 1] = torch.baddbmm(g_d[layer + 1], g_e, at[layer + 1])
-                    g_a[layer + 1] = g_e.transpose(-1, -2) @ ds[layer + 1][i]
-                g_z[-1] = g_dout[i] = g_d[-1]  # d_{L-1} = z_{L-1} - v
-                # then through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l)
-                for layer in range(depth - 1, -1, -1):
-                    h_t = hs[layer][i].transpose(-1, -2)
-                    if g_a[layer] is None:
-                        g_a[layer] = h_t @ g_z[layer]
-                    else:  # in place: the accumulator is contiguous, so bmm's batched path applies
-                        torch.baddbmm(g_a[layer], h_t, g_z[layer], out=g_a[layer])
-                    if layer == 0:
-                        if depth == 1:
-                            g_z0[i] = g_z[0]
-                        continue
-                    d_t = to_subchunks(ds[layer][i], subs).reshape(subs * bh, c // subs, -1).transpose(-1, -2)
-                    g_hw = torch.bmm(g_x[layer].flatten(0, 1), d_t).view(subs, bh, 2, rows[layer], -1)
-                    w = sub_writes[i]  # [s, B H, 2, 1, r]; g_hw [s, B H, 2, d_l, r] is minus the gradient of h_w
-                    minus_g_h = from_subchunks(torch.addcmul(g_hw[:, :, 0] * w[:, :, 0], g_hw[:, :, 1], w[:, :, 1])
-                                               .transpose(-1, -2))
-                    g_h = torch.baddbmm(minus_g_h, g_z[layer], at[layer].transpose(-1, -2), beta=-1)
-                    g_z[layer - 1] = torch.addcmul(g_z[layer - 1], g_h, slopes[layer - 1][i],
-                                                   out=g_z0[i] if layer == 1 else None)
-                for layer, r in enumerate(rows):  # the chunk's start state, through its first sub-chunk's mixing
-                    before = g_after[layer][first - 1] if i else torch.empty_like(g_after[layer][0])
-                    unmix(layer, first, before)
-                    if i:  # the anchor is the chunk's start weights
-                        before[:, :r] += g_a[layer]
-                    else:
-                        g_states[layer], g_anchor[layer] = before, g_a[layer]
         # batched over all chunks: what flows to k, v, write and mix
-        g_k = g_z0 @ anchors[0].transpose(-1, -2)
+        g_k = g_z0 @ first_anchor.transpose(-1, -2)
         g_write, g_mix = torch.zeros_like(sub_writes), torch.zeros_like(mix)
         for layer, (g, h, d, p) in enumerate(zip(g_after, hs, ds, path, strict=True)):
             # explicit 3-d bmm: matmul on these 5-d views falls back to one small product per matrix
@@ -361,7 +404,7 @@ class KeyScan(torch.autograd.Function):
             if layer == 0:
                 g_k -= from_subchunks((g_hw * sub_writes).sum(-3).transpose(-1, -2))
             g_mix += g.flatten(-2).unflatten(-1, (2, -1)) @ p[:-1].flatten(-2).unflatten(-1, (2, -1)).transpose(-1, -2)
-        return (None, *g_states, *g_anchor, g_k, -g_dout, g_write.flatten(0, 1), g_mix)
+        return (None, None, *g_states, *g_anchor, g_k, -g_dout, g_write.flatten(0, 1), g_mix)
 
 
 def read_chunks(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, co: dict[str, Tensor]) -> Tensor:
@@ -383,6 +426,7 @@ def read_chunks(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tenso
 def chunked_scan(
     weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], offset: int, chunk: int,
     q: Tensor, k: Tensor, v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor, read_chunk: int = 16,
+    kernel: str = "auto",
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The dual form over a call, in up to three groups of equal chunks: the rest of a chunk begun in an
     earlier call (anchored where it began), the whole chunks, then a trailing partial chunk. A chunk that is
@@ -408,7 +452,7 @@ def chunked_scan(
         kc, vc = (p[i].unflatten(-2, (count, size)).movedim(2, 0).flatten(1, 2) for p in pieces[1:])  # [m, B H, c, dh]
         # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
         anchor = anchor if continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]
-        out = KeyScan.apply(depth, *states, *anchor, kc, vc, co["write"], co["mix"])
+        out = KeyScan.apply(depth, kernel, *states, *anchor, kc, vc, co["write"], co["mix"])
         path, states = out[:depth], out[depth : 2 * depth]
         zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
         hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
@@ -537,7 +581,7 @@ class NeuralMemory(nn.Module):
             y, weights, momentum, anchor = reference_scan(*args, rule=c.rule, seed_gamma=c.seed_gamma,
                                                           diagnostics=diagnostics)
         else:
-            y, weights, momentum, anchor = chunked_scan(*args, read_chunk=c.read_chunk)
+            y, weights, momentum, anchor = chunked_scan(*args, read_chunk=c.read_chunk, kernel=c.kernel)
         new_state = {"weights": weights, "momentum": momentum, "anchor": anchor,
                      "offset": (state["offset"] + x.shape[1]) % c.chunk, "conv": tail}
         return self.finish(y, x), new_state

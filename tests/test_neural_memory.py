@@ -1,11 +1,13 @@
 """The chunk-parallel dual form against the plain token loop, streaming, gradients, the seed rule."""
 
+import functools
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from models import native_scan
 from models.neural_memory import (
     NO_MOMENTUM_LOG,
     CausalDepthwiseConv,
@@ -18,7 +20,13 @@ from models.neural_memory import (
     mlp_backprop,
     mlp_forward,
     reference_scan,
+    scan_keys,
+    scan_keys_backward,
+    use_native,
 )
+
+needs_native = pytest.mark.skipif(not native_scan.available(), reason="no C++ compiler: the compiled scan is unavailable")
+KERNELS = ["torch", pytest.param("native", marks=needs_native)]
 
 
 def scan_inputs(depth, n=101, momentum=True, forgetting=True, b=2, h=3, dh=8, hidden=12, eta_scale=1.0, seed=0):
@@ -51,21 +59,23 @@ def rel_err(a, b):
 CASES = list(itertools.product([1, 4, 16, 64], [1, 2, 3], [True, False], [True, False]))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunk,depth,momentum,forgetting", CASES)
-def test_chunk_parallel_equals_token_loop_fp64(chunk, depth, momentum, forgetting):
+def test_chunk_parallel_equals_token_loop_fp64(chunk, depth, momentum, forgetting, kernel):
     inputs = scan_inputs(depth, momentum=momentum, forgetting=forgetting)
     y_ref, w_ref, s_ref, _ = run(reference_scan, chunk, inputs)
-    y, w, s, _ = run(chunked_scan, chunk, inputs)
+    y, w, s, _ = run(functools.partial(chunked_scan, kernel=kernel), chunk, inputs)
     assert torch.isfinite(y_ref).all() and rel_err(y, y_ref) < 1e-9
     for a, b in zip(w + s, w_ref + s_ref, strict=True):
         assert rel_err(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunk,depth,momentum,forgetting", CASES)
-def test_chunk_parallel_in_fp32_is_within_1e_5_of_the_exact_loop(chunk, depth, momentum, forgetting):
+def test_chunk_parallel_in_fp32_is_within_1e_5_of_the_exact_loop(chunk, depth, momentum, forgetting, kernel):
     inputs = scan_inputs(depth, momentum=momentum, forgetting=forgetting)
     y_ref = run(reference_scan, chunk, inputs)[0]
-    assert rel_err(run(chunked_scan, chunk, inputs, torch.float32)[0], y_ref) < 1e-5
+    assert rel_err(run(functools.partial(chunked_scan, kernel=kernel), chunk, inputs, torch.float32)[0], y_ref) < 1e-5
 
 
 def test_fast_decaying_momentum_in_large_chunks_stays_accurate_in_fp32():
@@ -108,8 +118,9 @@ GRAD_CASES = [(chunk, read, depth, momentum) for chunk, read in ((1, 16), (4, 16
               for depth in (1, 2, 3) for momentum in (True, False)]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("chunk,read_chunk,depth,momentum", GRAD_CASES)
-def test_hand_written_scan_backward_equals_autograd_through_the_token_loop(chunk, read_chunk, depth, momentum):
+def test_hand_written_scan_backward_equals_autograd_through_the_token_loop(chunk, read_chunk, depth, momentum, kernel):
     # a call that starts inside a chunk (its own anchor), whole chunks cut into sub-chunks, and a partial tail
     weights, mom, q, k, v, log_eta, log_keep, theta = scan_inputs(depth, n=83, momentum=momentum)
     g = torch.Generator().manual_seed(5)
@@ -127,7 +138,7 @@ def test_hand_written_scan_backward_equals_autograd_through_the_token_loop(chunk
         loss = sum((o * p).sum() for o, p in zip(outs, probes, strict=True))
         return torch.autograd.grad(loss, [t for t in leaves if t.requires_grad], allow_unused=True)
 
-    expected, got = grads(reference_scan), grads(chunked_scan, read_chunk=read_chunk)
+    expected, got = grads(reference_scan), grads(chunked_scan, read_chunk=read_chunk, kernel=kernel)
     for e, a in zip(expected, got, strict=True):
         if e is None:  # momentum off: the log eta gates have no effect
             assert a is None or a.abs().max() == 0
@@ -135,13 +146,14 @@ def test_hand_written_scan_backward_equals_autograd_through_the_token_loop(chunk
             torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
 
 
-def test_gradcheck_with_sub_chunks_and_a_chunk_continued_from_an_earlier_call():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradcheck_with_sub_chunks_and_a_chunk_continued_from_an_earlier_call(kernel):
     weights, mom, q, k, v, log_eta, log_keep, theta = scan_inputs(3, n=11, b=1, h=1, dh=3, hidden=4)
     anchor = [0.9 * w for w in weights]
     leaves = [t.clone().requires_grad_(True) for t in (*weights, *mom, *anchor, q, k, v, log_eta, log_keep, theta)]
 
     def f(*t):
-        y, w, s, _ = chunked_scan(list(t[:3]), list(t[3:6]), list(t[6:9]), 1, 4, *t[9:], read_chunk=2)
+        y, w, s, _ = chunked_scan(list(t[:3]), list(t[3:6]), list(t[6:9]), 1, 4, *t[9:], read_chunk=2, kernel=kernel)
         return (y, *w, *s)
 
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
@@ -173,11 +185,93 @@ def test_chunk_loops_leave_the_thread_count_as_they_found_it():
         layer(torch.randn(1, 20, 32, dtype=torch.float64, requires_grad=True))[0].sum().backward()
         assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError), torch.no_grad():  # an error inside the loop restores it too
-            KeyScan.apply(1, torch.zeros(1, 4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 1, 4, 5),
+            KeyScan.apply(1, "torch", torch.zeros(1, 4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 1, 4, 5),
                           torch.zeros(1, 1, 4, 3), torch.zeros(1, 1, 2, 1, 4), torch.zeros(1, 1, 2, 2))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def key_scan_case(dtype, pairs=6, chunks=3, c=8, subs=2, widths=(8, 16, 32, 8), seed=0):
+    """Inputs of scan_keys and probes for its outputs, on widths the compiled loop has fixed-size products for
+    (8, 16, 32) and one it does not (12 is not among them when widths change), in `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+    states = [rnd(pairs, 2 * a, b, scale=a**-0.5) for a, b in zip(widths, widths[1:], strict=False)]
+    anchor = [s[:, : s.shape[1] // 2] + rnd(*s[:, : s.shape[1] // 2].shape, scale=0.1) for s in states]
+    k, v = l2_normalise(rnd(chunks, pairs, c, widths[0])), rnd(chunks, pairs, c, widths[-1])
+    write = rnd(chunks * subs, pairs, 2, 1, c // subs, scale=0.05)
+    mix = torch.tensor([[0.9, 0.3], [0.0, 0.8]], dtype=dtype) + rnd(chunks * subs, pairs, 2, 2, scale=0.01)
+    return states, anchor, k, v, write, mix
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("widths", [(8, 16, 32, 8), (6, 12, 6), (16, 16)])
+def test_compiled_key_scan_equals_the_torch_loop_forward_and_backward(dtype, widths):
+    states, anchor, k, v, write, mix = key_scan_case(dtype, widths=widths)
+    expected, got = scan_keys(states, anchor, k, v, write, mix), native_scan.scan_keys(states, anchor, k, v, write, mix)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # relative to each tensor's largest entry
+    for e, a in zip(itertools.chain(*expected), itertools.chain(*got), strict=True):
+        assert torch.isfinite(e).all() and rel_err(a, e) < tol
+    path, zs, ds = expected
+    g = torch.Generator().manual_seed(1)
+    g_before, g_end, g_zs, g_ds = ([torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in ts]
+                                   for ts in ([p[:-1] for p in path], [p[-1] for p in path], zs, ds))
+    args = (anchor, k, write, mix, path, zs, ds, g_before, g_end, g_zs, g_ds)
+    for e, a in zip(itertools.chain(*scan_keys_backward(*args)), itertools.chain(*native_scan.scan_keys_backward(*args)),
+                    strict=True):
+        assert torch.isfinite(e).all() and rel_err(a, e) < tol
+
+
+@needs_native
+def test_compiled_key_scan_gives_the_same_bits_on_any_number_of_threads():
+    # six (batch, head) pairs over 1, 4 and 6 threads: uneven shares, every pair computed exactly once
+    case = key_scan_case(torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 4, 6):
+            torch.set_num_threads(n)
+            path, zs, ds = native_scan.scan_keys(*case)
+            results.append(torch.cat([t.flatten() for t in (*path, *zs, *ds)]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@needs_native
+def test_compiled_key_scan_leaves_the_callers_subnormal_handling_alone():
+    native_scan.scan_keys(*key_scan_case(torch.float32))  # flushes subnormals inside, on its own threads only
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert (tiny * 1.5).item() > 0
+
+
+def test_native_kernel_without_a_compiler_says_what_to_use_instead(monkeypatch):
+    monkeypatch.setattr(native_scan, "library", lambda: None)
+    with pytest.raises(RuntimeError, match="'auto' or 'torch'"):
+        use_native("native", torch.zeros(2))
+    assert not use_native("auto", torch.zeros(2))
+
+
+def test_a_failed_build_reports_the_compiler_error_and_falls_back_to_the_torch_loop(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setenv("TITANS_BENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_scan, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="failed"):
+        native_scan.build()
+    native_scan.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="slower torch loop"):
+            assert native_scan.library() is None
+        assert not use_native("auto", torch.zeros(2))
+    finally:
+        monkeypatch.undo()
+        native_scan.library.cache_clear()
 
 
 @pytest.mark.parametrize("path", ["chunked", "reference"])
@@ -238,7 +332,8 @@ def test_long_inputs_streamed_in_blocks_equal_one_block():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("bad", [dict(rule="hebbian"), dict(path="fast"), dict(depth=0), dict(chunk=0), dict(block=0)])
+@pytest.mark.parametrize("bad", [dict(rule="hebbian"), dict(path="fast"), dict(kernel="cuda"), dict(depth=0), dict(chunk=0),
+                                 dict(block=0)])
 def test_bad_memory_config_names_what_is_valid(bad):
     with pytest.raises(ValueError):
         MemoryConfig(**bad)

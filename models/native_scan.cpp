@@ -1,0 +1,372 @@
+// The sequential key side of the chunk-parallel memory scan, compiled: the loop of
+// models/neural_memory.py's scan_keys and the reverse loop of KeyScan.backward, with the same math and the
+// same tensor layouts (see there for the derivation). Every (batch, head) pair is an independent recurrence,
+// so the pairs are shared out over threads and each runs its whole chunk loop without a barrier; inside,
+// the matrices are a few dozen wide, small enough that plain loops the compiler vectorises beat a call into
+// a BLAS per product.
+//
+// Layouts, all contiguous. Per memory layer l (R = d_l rows, C = d_{l+1} columns, n = R C), for m chunks of
+// c tokens, s sub-chunks of r = c / s tokens each, and P = batch * heads pairs:
+//   path[l]    [m s + 1, P, 2 R, C]  state (weights over momentum) before every sub-chunk and after the last
+//   anchor[l]  [P, R, C]             gradient anchor of the first chunk (later chunks: their start weights)
+//   k [m, P, c, d_0], v [m, P, c, d_L], zs[l] / ds[l] [m, P, c, C]  (zs only for hidden layers)
+//   write      [m s, P, 2, r]        per-token scales of the weight and the momentum write
+//   mix        [m s, P, 2, 2]        (W, S) -> (mix00 W + mix01 S, mix10 W + mix11 S)
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+namespace {
+
+using i64 = int64_t;
+
+struct Dims {
+    i64 depth, m, subs, pairs, c;
+    const i64* widths;  // d_0 .. d_L
+    i64 rows(i64 l) const { return widths[l]; }
+    i64 cols(i64 l) const { return widths[l + 1]; }
+    i64 numel(i64 l) const { return widths[l] * widths[l + 1]; }
+    i64 max_width() const {
+        i64 w = 0;
+        for (i64 l = 0; l <= depth; ++l) w = widths[l] > w ? widths[l] : w;
+        return w;
+    }
+};
+
+// out (+)= alpha x w for out [rows, N] and w [inner, N] row-major, x [rows, inner] read with strides (rs, cs),
+// so that x may be a transposed view. N is a compile-time width, and B output rows are computed together in
+// vector registers: B x N / lanes independent accumulators keep the FMA units busy, where a single row
+// would wait on each FMA's latency along the inner dimension.
+template <typename T, int N, int B>
+inline void gemm_rows(const T* __restrict x, i64 rs, i64 cs, const T* __restrict w, T* __restrict out, i64 inner,
+                      T alpha, bool accumulate) {
+    constexpr int lanes = N * sizeof(T) >= 64 ? 64 / sizeof(T) : N;
+    constexpr int V = N / lanes;
+    typedef T vec __attribute__((vector_size(lanes * sizeof(T)), aligned(sizeof(T))));  // unaligned loads
+    vec acc[B][V] = {};
+    for (i64 a = 0; a < inner; ++a) {
+        const vec* wa = reinterpret_cast<const vec*>(w + a * N);
+#pragma GCC unroll 8
+        for (int r = 0; r < B; ++r) {
+            const T xa = x[r * rs + a * cs];
+#pragma GCC unroll 8
+            for (int v = 0; v < V; ++v) acc[r][v] += xa * wa[v];
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < B; ++r) {
+        vec* o = reinterpret_cast<vec*>(out + r * N);
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) o[v] = accumulate ? o[v] + alpha * acc[r][v] : alpha * acc[r][v];
+    }
+}
+
+template <typename T, int N>
+void gemm_fixed(const T* __restrict x, i64 rs, i64 cs, const T* __restrict w, T* __restrict out, i64 rows,
+                i64 inner, T alpha, bool accumulate) {
+    i64 t = 0;
+    for (; t + 4 <= rows; t += 4) gemm_rows<T, N, 4>(x + t * rs, rs, cs, w, out + t * N, inner, alpha, accumulate);
+    for (; t < rows; ++t) gemm_rows<T, N, 1>(x + t * rs, rs, cs, w, out + t * N, inner, alpha, accumulate);
+}
+
+template <typename T>
+void gemm(const T* __restrict x, i64 rs, i64 cs, const T* __restrict w, T* __restrict out, i64 rows, i64 inner,
+          i64 cols, T alpha, bool accumulate) {
+    switch (cols) {
+        case 8: return gemm_fixed<T, 8>(x, rs, cs, w, out, rows, inner, alpha, accumulate);
+        case 16: return gemm_fixed<T, 16>(x, rs, cs, w, out, rows, inner, alpha, accumulate);
+        case 32: return gemm_fixed<T, 32>(x, rs, cs, w, out, rows, inner, alpha, accumulate);
+        case 64: return gemm_fixed<T, 64>(x, rs, cs, w, out, rows, inner, alpha, accumulate);
+        default: break;
+    }
+    for (i64 t = 0; t < rows; ++t) {
+        T* __restrict o = out + t * cols;
+        if (!accumulate) std::memset(o, 0, cols * sizeof(T));
+        for (i64 a = 0; a < inner; ++a) {
+            const T xa = alpha * x[t * rs + a * cs];
+            const T* __restrict wa = w + a * cols;
+            for (i64 b = 0; b < cols; ++b) o[b] += xa * wa[b];
+        }
+    }
+}
+
+// out [cols, rows] = in [rows, cols]^T
+template <typename T>
+void transpose(const T* __restrict in, T* __restrict out, i64 rows, i64 cols) {
+    for (i64 a = 0; a < rows; ++a)
+        for (i64 b = 0; b < cols; ++b) out[b * rows + a] = in[a * cols + b];
+}
+
+// the layer inputs of sub-chunk tokens scaled by the weight and the momentum write: [r, R] each
+template <typename T>
+void scaled_rows(const T* __restrict h, const T* __restrict w, T* __restrict hw, T* __restrict hs, i64 r, i64 R) {
+    for (i64 t = 0; t < r; ++t)
+        for (i64 a = 0; a < R; ++a) {
+            hw[t * R + a] = w[t] * h[t * R + a];
+            hs[t * R + a] = w[r + t] * h[t * R + a];
+        }
+}
+
+// sigmoid over a contiguous run, in its own loop so that the compiler can call a vector exp
+template <typename T>
+void sigmoid(const T* __restrict z, T* __restrict out, i64 count) {
+    for (i64 x = 0; x < count; ++x) out[x] = T(1) / (T(1) + std::exp(-z[x]));
+}
+
+// (W, S) -> mix (W, S), or with the mix transposed (the gradient's way back), plus `add` when given
+template <typename T>
+void mix_state(const T* __restrict mx, const T* __restrict in, const T* __restrict add, T* __restrict out, i64 n,
+               bool transposed) {
+    const T m00 = mx[0], m01 = transposed ? mx[2] : mx[1], m10 = transposed ? mx[1] : mx[2], m11 = mx[3];
+    for (i64 x = 0; x < n; ++x) {
+        const T w = in[x], s = in[n + x];
+        out[x] = (add ? add[x] : T(0)) + m00 * w + m01 * s;
+        out[n + x] = (add ? add[n + x] : T(0)) + m10 * w + m11 * s;
+    }
+}
+
+// per-thread scratch for one chunk of one (batch, head) pair
+template <typename T>
+struct Scratch {
+    std::vector<std::vector<T>> hidden, slope, curve, gd, gz, ga;  // per layer
+    std::vector<T> gate, bend, ge, gh, wt, hw, hs, gx_t, proj;
+    Scratch(const Dims& d) : hidden(d.depth), slope(d.depth), curve(d.depth), gd(d.depth), gz(d.depth), ga(d.depth) {
+        const i64 c = d.c, wide = c * d.max_width(), square = d.max_width() * d.max_width();
+        for (i64 l = 0; l < d.depth; ++l) {
+            hidden[l].resize(c * d.rows(l));
+            for (auto* v : {&slope[l], &curve[l], &gd[l], &gz[l]}) v->resize(c * d.cols(l));
+            ga[l].resize(d.numel(l));
+        }
+        for (auto* v : {&gate, &bend, &ge, &gh, &hw, &hs, &proj}) v->resize(wide);
+        wt.resize(square);
+        gx_t.resize(2 * square);
+    }
+};
+
+template <typename T>
+struct Forward {
+    const Dims& d;
+    const T* const* anchor;
+    const T *k, *v, *write, *mix;
+    T* const* path;
+    T* const* zs;
+    T* const* ds;
+
+    void run(i64 lo, i64 hi) const {
+        const i64 L = d.depth, c = d.c, s = d.subs, r = c / s, P = d.pairs;
+        Scratch<T> w(d);
+        std::vector<const T*> at(L), h(L);
+        for (i64 p = lo; p < hi; ++p)
+            for (i64 i = 0; i < d.m; ++i) {
+                const i64 row = i * P + p;
+                for (i64 l = 0; l < L; ++l)
+                    at[l] = i ? path[l] + (i * s * P + p) * 2 * d.numel(l) : anchor[l] + p * d.numel(l);
+                // every key of the chunk through the memory at the anchor: z_l = h_l A_l, h_{l+1} = silu(z_l)
+                h[0] = k + row * c * d.rows(0);
+                for (i64 l = 0; l + 1 < L; ++l) {
+                    const i64 R = d.rows(l), C = d.cols(l);
+                    T* z = zs[l] + row * c * C;
+                    gemm(h[l], R, 1, at[l], z, c, R, C, T(1), false);
+                    sigmoid(z, w.gate.data(), c * C);
+                    for (i64 x = 0; x < c * C; ++x) w.hidden[l + 1][x] = z[x] * w.gate[x];
+                    h[l + 1] = w.hidden[l + 1].data();
+                }
+                // back-propagated signals: d_{L-1} = M(k) - v, d_l = (d_{l+1} A_{l+1}^T) silu'(z_l)
+                const i64 out_w = d.cols(L - 1);
+                T* out = ds[L - 1] + row * c * out_w;
+                gemm(h[L - 1], d.rows(L - 1), 1, at[L - 1], out, c, d.rows(L - 1), out_w, T(1), false);
+                const T* vr = v + row * c * out_w;
+                for (i64 x = 0; x < c * out_w; ++x) out[x] -= vr[x];
+                for (i64 l = L - 2; l >= 0; --l) {
+                    const i64 C = d.cols(l), cn = d.cols(l + 1);
+                    T* dl = ds[l] + row * c * C;
+                    const T* z = zs[l] + row * c * C;
+                    transpose(at[l + 1], w.wt.data(), C, cn);
+                    gemm(ds[l + 1] + row * c * cn, cn, 1, w.wt.data(), dl, c, cn, C, T(1), false);
+                    sigmoid(z, w.gate.data(), c * C);
+                    for (i64 x = 0; x < c * C; ++x) dl[x] *= w.gate[x] * (1 + z[x] * (1 - w.gate[x]));
+                }
+                // sub-chunk by sub-chunk: (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d)
+                for (i64 l = 0; l < L; ++l) {
+                    const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
+                    for (i64 j = 0; j < s; ++j) {
+                        const i64 u = i * s + j;
+                        const T* before = path[l] + (u * P + p) * 2 * n;
+                        T* after = path[l] + ((u + 1) * P + p) * 2 * n;
+                        mix_state(mix + (u * P + p) * 4, before, static_cast<const T*>(nullptr), after, n, false);
+                        scaled_rows(h[l] + j * r * R, write + (u * P + p) * 2 * r, w.hw.data(), w.hs.data(), r, R);
+                        const T* dj = ds[l] + (row * c + j * r) * C;
+                        gemm(w.hw.data(), 1, R, dj, after, R, r, C, T(-1), true);
+                        gemm(w.hs.data(), 1, R, dj, after + n, R, r, C, T(-1), true);
+                    }
+                }
+            }
+    }
+};
+
+template <typename T>
+struct Backward {
+    const Dims& d;
+    const T* const* anchor;
+    const T *k, *write, *mix;
+    const T* const* path;
+    const T* const* zs;
+    const T* const* ds;
+    const T* const* g_before;  // [m s, P, 2 R, C] gradients at the states before each sub-chunk (the reads')
+    const T* const* g_zs;
+    const T* const* g_ds;
+    T* const* g_after;  // [m s, P, 2 R, C] gradient at each sub-chunk's end state; the last must be filled in
+    T *g_z0, *g_dout;   // [m, P, c, d_1] and [m, P, c, d_L]
+    T* const* g_states;
+    T* const* g_anchor;
+
+    void run(i64 lo, i64 hi) const {
+        const i64 L = d.depth, c = d.c, s = d.subs, r = c / s, P = d.pairs;
+        Scratch<T> w(d);
+        std::vector<const T*> at(L), h(L);
+        for (i64 p = lo; p < hi; ++p)
+            for (i64 i = d.m - 1; i >= 0; --i) {
+                const i64 row = i * P + p, first = i * s;
+                auto state = [&](T* const* g, i64 l, i64 u) { return g[l] + (u * P + p) * 2 * d.numel(l); };
+                auto incoming = [&](i64 l, i64 u) { return g_before[l] + (u * P + p) * 2 * d.numel(l); };
+                for (i64 l = 0; l < L; ++l)
+                    at[l] = i ? path[l] + (first * P + p) * 2 * d.numel(l) : anchor[l] + p * d.numel(l);
+                h[0] = k + row * c * d.rows(0);
+                for (i64 l = 0; l + 1 < L; ++l) {  // h_{l+1} = silu(z_l), silu'(z_l), silu''(z_l)
+                    const i64 cells = c * d.cols(l);
+                    const T* z = zs[l] + row * cells;
+                    sigmoid(z, w.gate.data(), cells);
+                    for (i64 x = 0; x < cells; ++x) {
+                        const T g = w.gate[x], one = 1;
+                        w.hidden[l + 1][x] = z[x] * g;
+                        w.slope[l][x] = g * (one + z[x] * (one - g));
+                        w.curve[l][x] = g * (one - g) * (2 + z[x] * (one - 2 * g));
+                    }
+                    h[l + 1] = w.hidden[l + 1].data();
+                }
+                // back through the mixing of all but the chunk's first sub-chunk
+                for (i64 l = 0; l < L; ++l)
+                    for (i64 u = first + s - 1; u > first; --u)
+                        mix_state(mix + (u * P + p) * 4, state(g_after, l, u), incoming(l, u),
+                                  state(g_after, l, u - 1), d.numel(l), true);
+                // the writes subtract h_w^T d: the gradient of d
+                for (i64 l = 0; l < L; ++l) {
+                    const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
+                    std::memcpy(w.gd[l].data(), g_ds[l] + row * c * C, c * C * sizeof(T));
+                    for (i64 j = 0; j < s; ++j) {
+                        const T* gx = state(g_after, l, first + j);
+                        scaled_rows(h[l] + j * r * R, write + ((first + j) * P + p) * 2 * r, w.hw.data(), w.hs.data(),
+                                    r, R);
+                        T* gdj = w.gd[l].data() + j * r * C;
+                        gemm(w.hw.data(), R, 1, gx, gdj, r, R, C, T(-1), true);
+                        gemm(w.hs.data(), R, 1, gx + n, gdj, r, R, C, T(-1), true);
+                    }
+                }
+                // then through d's own back-propagation: d_l = silu'(z_l) e_l, e_l = d_{l+1} A_{l+1}^T
+                for (i64 l = 0; l + 1 < L; ++l) {
+                    const i64 C = d.cols(l), cn = d.cols(l + 1), cells = c * C;
+                    const T* dn = ds[l + 1] + row * c * cn;
+                    transpose(at[l + 1], w.wt.data(), C, cn);
+                    gemm(dn, cn, 1, w.wt.data(), w.bend.data(), c, cn, C, T(1), false);
+                    const T* gzs = g_zs[l] + row * cells;
+                    for (i64 x = 0; x < cells; ++x) {
+                        w.ge[x] = w.gd[l][x] * w.slope[l][x];
+                        w.gz[l][x] = gzs[x] + w.gd[l][x] * w.bend[x] * w.curve[l][x];
+                    }
+                    gemm(w.ge.data(), C, 1, at[l + 1], w.gd[l + 1].data(), c, C, cn, T(1), true);
+                    gemm(w.ge.data(), 1, C, dn, w.ga[l + 1].data(), C, c, cn, T(1), false);
+                }
+                const i64 out_cells = c * d.cols(L - 1);
+                std::memcpy(w.gz[L - 1].data(), w.gd[L - 1].data(), out_cells * sizeof(T));
+                std::memcpy(g_dout + row * out_cells, w.gd[L - 1].data(), out_cells * sizeof(T));
+                // and through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l)
+                for (i64 l = L - 1; l >= 0; --l) {
+                    const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
+                    gemm(h[l], 1, R, w.gz[l].data(), w.ga[l].data(), R, c, C, T(1), l != 0);
+                    if (l == 0) break;
+                    // g_h = g_z A^T - (w_t d_t) gx_W^T - (w'_t d_t) gx_S^T, row by row of the sub-chunks
+                    transpose(at[l], w.wt.data(), R, C);
+                    gemm(w.gz[l].data(), C, 1, w.wt.data(), w.gh.data(), c, C, R, T(1), false);
+                    const T* dl = ds[l] + row * c * C;
+                    for (i64 j = 0; j < s; ++j) {
+                        const T* gx = state(g_after, l, first + j);
+                        const T* wj = write + ((first + j) * P + p) * 2 * r;
+                        transpose(gx, w.gx_t.data(), R, C);
+                        transpose(gx + n, w.gx_t.data() + n, R, C);
+                        for (i64 part = 0; part < 2; ++part) {
+                            gemm(dl + j * r * C, C, 1, w.gx_t.data() + part * n, w.proj.data(), r, C, R, T(1), false);
+                            for (i64 t = 0; t < r; ++t)
+                                for (i64 a = 0; a < R; ++a) w.gh[(j * r + t) * R + a] -= wj[part * r + t] * w.proj[t * R + a];
+                        }
+                    }
+                    for (i64 x = 0; x < c * R; ++x) w.gz[l - 1][x] += w.gh[x] * w.slope[l - 1][x];
+                }
+                std::memcpy(g_z0 + row * c * d.cols(0), w.gz[0].data(), c * d.cols(0) * sizeof(T));
+                // the chunk's start state, through its first sub-chunk's mixing; the anchor is its start weights
+                for (i64 l = 0; l < L; ++l) {
+                    const i64 n = d.numel(l);
+                    T* before = i ? state(g_after, l, first - 1) : g_states[l] + p * 2 * n;
+                    mix_state(mix + (first * P + p) * 4, state(g_after, l, first), incoming(l, first), before, n, true);
+                    if (i)
+                        for (i64 x = 0; x < n; ++x) before[x] += w.ga[l][x];
+                    else
+                        std::memcpy(g_anchor[l] + p * n, w.ga[l].data(), n * sizeof(T));
+                }
+            }
+    }
+};
+
+// Flush subnormals to zero while a job runs on this thread: the decay coefficients reach e^-80 by design, and
+// their products with small signals fall below float's normal range, where every operation costs ~100 cycles.
+// Values that small are far below any tolerance here; the thread's previous mode is restored afterwards.
+template <typename Job>
+void run_flushing_subnormals(const Job& job, i64 lo, i64 hi) {
+#if defined(__SSE__)
+    const unsigned mode = _mm_getcsr();
+    _mm_setcsr(mode | 0x8040);  // FTZ | DAZ
+    job.run(lo, hi);
+    _mm_setcsr(mode);
+#else
+    job.run(lo, hi);
+#endif
+}
+
+template <typename Job>
+void over_pairs(const Job& job, i64 pairs, i64 threads) {
+    if (threads < 1) threads = 1;
+    if (threads > pairs) threads = pairs;
+    std::vector<std::thread> workers;
+    for (i64 w = 1; w < threads; ++w)
+        workers.emplace_back(
+            [&job, w, pairs, threads] { run_flushing_subnormals(job, w * pairs / threads, (w + 1) * pairs / threads); });
+    run_flushing_subnormals(job, 0, pairs / threads);
+    for (auto& t : workers) t.join();
+}
+
+}  // namespace
+
+#define TITANS_SCAN_EXPORTS(T, SUFFIX)                                                                             \
+    extern "C" void scan_forward_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,       \
+                                          const T* const* anchor, const T* k, const T* v, const T* write,         \
+                                          const T* mix, T* const* path, T* const* zs, T* const* ds, i64 threads) { \
+        const Dims d{depth, m, subs, pairs, c, widths};                                                           \
+        over_pairs(Forward<T>{d, anchor, k, v, write, mix, path, zs, ds}, pairs, threads);                        \
+    }                                                                                                             \
+    extern "C" void scan_backward_##SUFFIX(                                                                       \
+        i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, const T* const* anchor, const T* k,     \
+        const T* write, const T* mix, const T* const* path, const T* const* zs, const T* const* ds,              \
+        const T* const* g_before, const T* const* g_zs, const T* const* g_ds, T* const* g_after, T* g_z0,        \
+        T* g_dout, T* const* g_states, T* const* g_anchor, i64 threads) {                                         \
+        const Dims d{depth, m, subs, pairs, c, widths};                                                           \
+        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, g_before, g_zs, g_ds, g_after, g_z0,     \
+                               g_dout, g_states, g_anchor},                                                  \
+                   pairs, threads);                                                                               \
+    }
+
+TITANS_SCAN_EXPORTS(float, f32)
+TITANS_SCAN_EXPORTS(double, f64)

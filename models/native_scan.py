@@ -1,0 +1,135 @@
+"""The memory's sequential key scan as compiled code (native_scan.cpp), for CPU tensors.
+
+The torch loop in neural_memory.py issues some 10 (forward) and 25 (backward) tiny kernels per chunk; at
+these sizes each costs more in dispatch than in arithmetic, and none can use a second core. The compiled
+loop runs every (batch, head) recurrence to the end on its own thread. It is built on first use with the
+system C++ compiler into a per-user cache (TITANS_BENCH_CACHE, default ~/.cache/titans-bench) and loaded
+with ctypes; without a compiler the torch loop is used, with a warning that says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native_scan.cpp")
+COMPILER = os.environ.get("CXX", "g++")
+# -ffast-math lets the compiler call glibc's vector exp; it is given to the compile step only, so the
+# shared library is not linked with crtfastmath, which would flush subnormals for the whole process
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-fPIC"]
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TITANS_BENCH_CACHE", Path.home() / ".cache" / "titans-bench"))
+
+
+def cpu_signature() -> str:
+    """-march=native ties a build to the CPU it was built on."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return platform.machine() + flags
+
+
+def build() -> Path:
+    """Compiles once per source, flags and CPU; concurrent builders each write their own file, then rename."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([COMPILER, *COMPILE_FLAGS, cpu_signature()]).encode())
+    library = cache_dir() / f"native_scan-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        obj, out = Path(tmp) / "native_scan.o", Path(tmp) / library.name
+        for cmd in ([COMPILER, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+                    [COMPILER, "-shared", "-pthread", str(obj), "-o", str(out)]):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}")
+        os.replace(out, library)
+    return library
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"the compiled memory scan is unavailable, using the slower torch loop: {err}", stacklevel=2)
+        return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def usable(*tensors: Tensor) -> bool:
+    """CPU tensors of one supported dtype, and a library that loaded."""
+    dtype = tensors[0].dtype
+    return (dtype in SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and available())
+
+
+def _pointers(tensors: list[Tensor] | tuple[Tensor, ...]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _shape(states: list[Tensor], k: Tensor, write: Tensor) -> tuple[list[int], ctypes.Array]:
+    m, pairs, c, _ = k.shape
+    widths = [s.shape[-2] // 2 for s in states] + [states[-1].shape[-1]]
+    return [len(states), m, write.shape[0] // m, pairs, c], (ctypes.c_int64 * len(widths))(*widths)
+
+
+def _int(*values: int) -> list[ctypes.c_int64]:
+    return [ctypes.c_int64(v) for v in values]
+
+
+def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor,
+              mix: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The same contract as neural_memory.scan_keys."""
+    anchor, k, v, write, mix = ([t.contiguous() for t in anchor], *(t.contiguous() for t in (k, v, write, mix)))
+    dims, widths = _shape(states, k, write)
+    m, subs, c = dims[1], dims[2], dims[4]
+    path = [s.new_empty(m * subs + 1, *s.shape) for s in states]
+    for p, s in zip(path, states, strict=True):
+        p[0] = s
+    zs = [k.new_empty(m, k.shape[1], c, s.shape[-1]) for s in states[:-1]]
+    ds = [k.new_empty(m, k.shape[1], c, s.shape[-1]) for s in states]
+    fn = getattr(library(), f"scan_forward_{SUFFIX[k.dtype]}")
+    fn(*_int(*dims), widths, _pointers(anchor), *(ctypes.c_void_p(t.data_ptr()) for t in (k, v, write, mix)),
+       _pointers(path), _pointers(zs), _pointers(ds), ctypes.c_int64(torch.get_num_threads()))
+    return path, zs, ds
+
+
+def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
+                       zs: list[Tensor], ds: list[Tensor], g_before: list[Tensor], g_end: list[Tensor],
+                       g_zs: list[Tensor], g_ds: list[Tensor]) -> tuple[list[Tensor], ...]:
+    """The reverse loop of KeyScan.backward: the gradients at every sub-chunk's end state, of the keys'
+    first-layer pre-activations z_0 (of M(k) - v at depth 1) and of M(k) - v, of the start states and of
+    the first anchor."""
+    anchor, g_before, g_zs, g_ds = ([t.contiguous() for t in ts] for ts in (anchor, g_before, g_zs, g_ds))
+    k, write, mix = (t.contiguous() for t in (k, write, mix))
+    dims, widths = _shape(path, k, write)
+    g_after = [torch.empty_like(p[:-1]) for p in path]
+    for g, ge in zip(g_after, g_end, strict=True):
+        g[-1] = ge
+    g_z0, g_dout = torch.empty_like(ds[0]), torch.empty_like(ds[-1])
+    g_states = [torch.empty_like(p[0]) for p in path]
+    g_anchor = [torch.empty_like(a) for a in anchor]
+    fn = getattr(library(), f"scan_backward_{SUFFIX[k.dtype]}")
+    fn(*_int(*dims), widths, _pointers(anchor), *(ctypes.c_void_p(t.data_ptr()) for t in (k, write, mix)),
+       *(_pointers(x) for x in (path, zs, ds, g_before, g_zs, g_ds, g_after)),
+       ctypes.c_void_p(g_z0.data_ptr()), ctypes.c_void_p(g_dout.data_ptr()), _pointers(g_states),
+       _pointers(g_anchor), ctypes.c_int64(torch.get_num_threads()))
+    return g_after, g_z0, g_dout, g_states, g_anchor
