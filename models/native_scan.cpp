@@ -15,8 +15,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include <omp.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -134,7 +135,7 @@ void mix_state(const T* __restrict mx, const T* __restrict in, const T* __restri
 template <typename T>
 struct Scratch {
     std::vector<std::vector<T>> hidden, slope, curve, gd, gz, ga;  // per layer
-    std::vector<T> gate, bend, ge, gh, wt, hw, hs, gx_t, proj;
+    std::vector<T> gate, bend, ge, gh, wt, hw, hs, gx_t, proj, scores;
     Scratch(const Dims& d) : hidden(d.depth), slope(d.depth), curve(d.depth), gd(d.depth), gz(d.depth), ga(d.depth) {
         const i64 c = d.c, wide = c * d.max_width(), square = d.max_width() * d.max_width();
         for (i64 l = 0; l < d.depth; ++l) {
@@ -143,69 +144,132 @@ struct Scratch {
             ga[l].resize(d.numel(l));
         }
         for (auto* v : {&gate, &bend, &ge, &gh, &hw, &hs, &proj}) v->resize(wide);
-        wt.resize(square);
+        wt.resize(square > wide ? square : wide);  // a transposed weight, or a sub-chunk's keys transposed
         gx_t.resize(2 * square);
+        scores.resize(c * c);
     }
 };
 
+// The forward scan, in one of two modes. Recording (path given): the state before every sub-chunk and the
+// keys' z_l and d_l go to outputs, for the batched reads and the backward pass. Reading (q given): only the
+// running state is kept, each sub-chunk's queries are read from it in place, and the end state is returned;
+// nothing per chunk is stored, which is what inference needs.
 template <typename T>
 struct Forward {
     const Dims& d;
+    const T* const* start;  // [P, 2 R, C] state before the first sub-chunk
     const T* const* anchor;
     const T *k, *v, *write, *mix;
-    T* const* path;
-    T* const* zs;
+    T* const* path;  // recording: [m s + 1, P, 2 R, C]; else null
+    T* const* zs;    // recording: [m, P, c, C] for hidden layers
     T* const* ds;
+    const T *q, *G, *BBC;  // reading: [m s, P, r, d_0], [m s, P, r, r], [m s, P, r, 2]; else null
+    T* y;                  // reading: [m s, P, r, d_L]
+    T* const* end;         // reading: [P, 2 R, C] state after the last sub-chunk
 
     void run(i64 lo, i64 hi) const {
         const i64 L = d.depth, c = d.c, s = d.subs, r = c / s, P = d.pairs;
         Scratch<T> w(d);
-        std::vector<const T*> at(L), h(L);
-        for (i64 p = lo; p < hi; ++p)
+        std::vector<std::vector<T>> z_own(L), d_own(L), now(L), next(L);  // reading mode's per-chunk values
+        for (i64 l = 0; l < L; ++l) {
+            z_own[l].resize(c * d.cols(l));
+            d_own[l].resize(c * d.cols(l));
+            now[l].resize(2 * d.numel(l));
+            next[l].resize(2 * d.numel(l));
+        }
+        std::vector<const T*> at(L), h(L), before(L);
+        std::vector<T*> zl(L), dl(L), after(L);
+        for (i64 p = lo; p < hi; ++p) {
+            for (i64 l = 0; l < L; ++l) {
+                const i64 size = 2 * d.numel(l);
+                std::memcpy(path ? path[l] + p * size : now[l].data(), start[l] + p * size, size * sizeof(T));
+            }
             for (i64 i = 0; i < d.m; ++i) {
                 const i64 row = i * P + p;
-                for (i64 l = 0; l < L; ++l)
-                    at[l] = i ? path[l] + (i * s * P + p) * 2 * d.numel(l) : anchor[l] + p * d.numel(l);
-                // every key of the chunk through the memory at the anchor: z_l = h_l A_l, h_{l+1} = silu(z_l)
-                h[0] = k + row * c * d.rows(0);
-                for (i64 l = 0; l + 1 < L; ++l) {
-                    const i64 R = d.rows(l), C = d.cols(l);
-                    T* z = zs[l] + row * c * C;
-                    gemm(h[l], R, 1, at[l], z, c, R, C, T(1), false);
-                    sigmoid(z, w.gate.data(), c * C);
-                    for (i64 x = 0; x < c * C; ++x) w.hidden[l + 1][x] = z[x] * w.gate[x];
-                    h[l + 1] = w.hidden[l + 1].data();
-                }
-                // back-propagated signals: d_{L-1} = M(k) - v, d_l = (d_{l+1} A_{l+1}^T) silu'(z_l)
-                const i64 out_w = d.cols(L - 1);
-                T* out = ds[L - 1] + row * c * out_w;
-                gemm(h[L - 1], d.rows(L - 1), 1, at[L - 1], out, c, d.rows(L - 1), out_w, T(1), false);
-                const T* vr = v + row * c * out_w;
-                for (i64 x = 0; x < c * out_w; ++x) out[x] -= vr[x];
-                for (i64 l = L - 2; l >= 0; --l) {
-                    const i64 C = d.cols(l), cn = d.cols(l + 1);
-                    T* dl = ds[l] + row * c * C;
-                    const T* z = zs[l] + row * c * C;
-                    transpose(at[l + 1], w.wt.data(), C, cn);
-                    gemm(ds[l + 1] + row * c * cn, cn, 1, w.wt.data(), dl, c, cn, C, T(1), false);
-                    sigmoid(z, w.gate.data(), c * C);
-                    for (i64 x = 0; x < c * C; ++x) dl[x] *= w.gate[x] * (1 + z[x] * (1 - w.gate[x]));
-                }
-                // sub-chunk by sub-chunk: (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d)
                 for (i64 l = 0; l < L; ++l) {
-                    const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-                    for (i64 j = 0; j < s; ++j) {
-                        const i64 u = i * s + j;
-                        const T* before = path[l] + (u * P + p) * 2 * n;
-                        T* after = path[l] + ((u + 1) * P + p) * 2 * n;
-                        mix_state(mix + (u * P + p) * 4, before, static_cast<const T*>(nullptr), after, n, false);
-                        scaled_rows(h[l] + j * r * R, write + (u * P + p) * 2 * r, w.hw.data(), w.hs.data(), r, R);
-                        const T* dj = ds[l] + (row * c + j * r) * C;
-                        gemm(w.hw.data(), 1, R, dj, after, R, r, C, T(-1), true);
-                        gemm(w.hs.data(), 1, R, dj, after + n, R, r, C, T(-1), true);
+                    const i64 cells = c * d.cols(l);
+                    zl[l] = path ? (l + 1 < L ? zs[l] + row * cells : nullptr) : z_own[l].data();
+                    dl[l] = path ? ds[l] + row * cells : d_own[l].data();
+                    const T* chunk_start = path ? path[l] + (i * s * P + p) * 2 * d.numel(l) : now[l].data();
+                    at[l] = i ? chunk_start : anchor[l] + p * d.numel(l);
+                }
+                keys_at_anchor(w, at, h, zl, dl, row);
+                for (i64 j = 0; j < s; ++j) {
+                    const i64 u = i * s + j;
+                    for (i64 l = 0; l < L; ++l) {
+                        const i64 size = 2 * d.numel(l);
+                        before[l] = path ? path[l] + (u * P + p) * size : now[l].data();
+                        after[l] = path ? path[l] + ((u + 1) * P + p) * size : next[l].data();
                     }
+                    if (q) read(w, before, h, dl, u, p, j * r);
+                    // (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d)
+                    for (i64 l = 0; l < L; ++l) {
+                        const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
+                        mix_state(mix + (u * P + p) * 4, before[l], static_cast<const T*>(nullptr), after[l], n, false);
+                        scaled_rows(h[l] + j * r * R, write + (u * P + p) * 2 * r, w.hw.data(), w.hs.data(), r, R);
+                        gemm(w.hw.data(), 1, R, dl[l] + j * r * C, after[l], R, r, C, T(-1), true);
+                        gemm(w.hs.data(), 1, R, dl[l] + j * r * C, after[l] + n, R, r, C, T(-1), true);
+                    }
+                    if (!path) std::swap(now, next);
                 }
             }
+            if (!path)
+                for (i64 l = 0; l < L; ++l)
+                    std::memcpy(end[l] + p * 2 * d.numel(l), now[l].data(), 2 * d.numel(l) * sizeof(T));
+        }
+    }
+
+    // every key of the chunk through the memory at the anchor, z_l = h_l A_l and h_{l+1} = silu(z_l), then the
+    // back-propagated signals d_{L-1} = M(k) - v and d_l = (d_{l+1} A_{l+1}^T) silu'(z_l)
+    void keys_at_anchor(Scratch<T>& w, const std::vector<const T*>& at, std::vector<const T*>& h,
+                        const std::vector<T*>& zl, const std::vector<T*>& dl, i64 row) const {
+        const i64 L = d.depth, c = d.c;
+        h[0] = k + row * c * d.rows(0);
+        for (i64 l = 0; l + 1 < L; ++l) {
+            const i64 R = d.rows(l), C = d.cols(l);
+            gemm(h[l], R, 1, at[l], zl[l], c, R, C, T(1), false);
+            sigmoid(zl[l], w.gate.data(), c * C);
+            for (i64 x = 0; x < c * C; ++x) w.hidden[l + 1][x] = zl[l][x] * w.gate[x];
+            h[l + 1] = w.hidden[l + 1].data();
+        }
+        const i64 out_w = d.cols(L - 1);
+        gemm(h[L - 1], d.rows(L - 1), 1, at[L - 1], dl[L - 1], c, d.rows(L - 1), out_w, T(1), false);
+        const T* vr = v + row * c * out_w;
+        for (i64 x = 0; x < c * out_w; ++x) dl[L - 1][x] -= vr[x];
+        for (i64 l = L - 2; l >= 0; --l) {
+            const i64 C = d.cols(l), cn = d.cols(l + 1);
+            transpose(at[l + 1], w.wt.data(), C, cn);
+            gemm(dl[l + 1], cn, 1, w.wt.data(), dl[l], c, cn, C, T(1), false);
+            sigmoid(zl[l], w.gate.data(), c * C);
+            for (i64 x = 0; x < c * C; ++x) dl[l][x] *= w.gate[x] * (1 + zl[l][x] * (1 - w.gate[x]));
+        }
+    }
+
+    // the queries of sub-chunk u, layer by layer: z = B_t x W + BC_t x S - sum_i G[t, i] (x . h_i) d_i, from the
+    // state before the sub-chunk, with h_i and d_i the layer inputs and signals of the sub-chunk's keys
+    void read(Scratch<T>& w, const std::vector<const T*>& before, const std::vector<const T*>& h,
+              const std::vector<T*>& dl, i64 u, i64 p, i64 offset) const {
+        const i64 L = d.depth, r = d.c / d.subs, P = d.pairs;
+        const T* x = q + (u * P + p) * r * d.rows(0);
+        const T* bbc = BBC + (u * P + p) * r * 2;
+        const T* g = G + (u * P + p) * r * r;
+        for (i64 l = 0; l < L; ++l) {
+            const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
+            T* z = l + 1 < L ? w.gh.data() : y + (u * P + p) * r * C;
+            gemm(x, R, 1, before[l], z, r, R, C, T(1), false);          // x W
+            gemm(x, R, 1, before[l] + n, w.proj.data(), r, R, C, T(1), false);  // x S
+            for (i64 t = 0; t < r; ++t)
+                for (i64 b = 0; b < C; ++b) z[t * C + b] = bbc[2 * t] * z[t * C + b] + bbc[2 * t + 1] * w.proj[t * C + b];
+            transpose(h[l] + offset * R, w.wt.data(), r, R);
+            gemm(x, R, 1, w.wt.data(), w.scores.data(), r, R, r, T(1), false);  // x . h_i
+            for (i64 x2 = 0; x2 < r * r; ++x2) w.scores[x2] *= g[x2];
+            gemm(w.scores.data(), r, 1, dl[l] + offset * C, z, r, r, C, T(-1), true);
+            if (l + 1 < L) {
+                sigmoid(z, w.gate.data(), r * C);
+                for (i64 x2 = 0; x2 < r * C; ++x2) w.ge[x2] = z[x2] * w.gate[x2];
+                x = w.ge.data();
+            }
+        }
     }
 };
 
@@ -336,26 +400,29 @@ void run_flushing_subnormals(const Job& job, i64 lo, i64 hi) {
 #endif
 }
 
+// The pairs are shared out over OpenMP threads. Loaded into a process that runs torch, this library binds to
+// torch's own libgomp (same soname), so the work runs on the thread pool torch keeps warm instead of competing
+// with its spinning workers for the cores.
 template <typename Job>
 void over_pairs(const Job& job, i64 pairs, i64 threads) {
-    if (threads < 1) threads = 1;
-    if (threads > pairs) threads = pairs;
-    std::vector<std::thread> workers;
-    for (i64 w = 1; w < threads; ++w)
-        workers.emplace_back(
-            [&job, w, pairs, threads] { run_flushing_subnormals(job, w * pairs / threads, (w + 1) * pairs / threads); });
-    run_flushing_subnormals(job, 0, pairs / threads);
-    for (auto& t : workers) t.join();
+    threads = threads < 1 ? 1 : (threads > pairs ? pairs : threads);
+#pragma omp parallel num_threads(threads)
+    {
+        const i64 w = omp_get_thread_num(), n = omp_get_num_threads();
+        run_flushing_subnormals(job, w * pairs / n, (w + 1) * pairs / n);
+    }
 }
 
 }  // namespace
 
 #define TITANS_SCAN_EXPORTS(T, SUFFIX)                                                                             \
     extern "C" void scan_forward_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,       \
-                                          const T* const* anchor, const T* k, const T* v, const T* write,         \
-                                          const T* mix, T* const* path, T* const* zs, T* const* ds, i64 threads) { \
+                                          const T* const* start, const T* const* anchor, const T* k, const T* v,  \
+                                          const T* write, const T* mix, T* const* path, T* const* zs,             \
+                                          T* const* ds, const T* q, const T* G, const T* BBC, T* y,               \
+                                          T* const* end, i64 threads) {                                           \
         const Dims d{depth, m, subs, pairs, c, widths};                                                           \
-        over_pairs(Forward<T>{d, anchor, k, v, write, mix, path, zs, ds}, pairs, threads);                        \
+        over_pairs(Forward<T>{d, start, anchor, k, v, write, mix, path, zs, ds, q, G, BBC, y, end}, pairs, threads); \
     }                                                                                                             \
     extern "C" void scan_backward_##SUFFIX(                                                                       \
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, const T* const* anchor, const T* k,     \

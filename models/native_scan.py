@@ -26,7 +26,7 @@ SOURCE = Path(__file__).with_name("native_scan.cpp")
 COMPILER = os.environ.get("CXX", "g++")
 # -ffast-math lets the compiler call glibc's vector exp; it is given to the compile step only, so the
 # shared library is not linked with crtfastmath, which would flush subnormals for the whole process
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-std=c++17", "-fPIC"]
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC"]
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -53,7 +53,7 @@ def build() -> Path:
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         obj, out = Path(tmp) / "native_scan.o", Path(tmp) / library.name
         for cmd in ([COMPILER, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                    [COMPILER, "-shared", "-pthread", str(obj), "-o", str(out)]):
+                    [COMPILER, "-shared", "-fopenmp", str(obj), "-o", str(out)]):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}")
@@ -91,25 +91,50 @@ def _shape(states: list[Tensor], k: Tensor, write: Tensor) -> tuple[list[int], c
     return [len(states), m, write.shape[0] // m, pairs, c], (ctypes.c_int64 * len(widths))(*widths)
 
 
+def _pointer(t: Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
 def _int(*values: int) -> list[ctypes.c_int64]:
     return [ctypes.c_int64(v) for v in values]
 
 
+def _forward(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
+             recording: tuple[list[Tensor], ...] | None, reading: tuple | None) -> None:
+    """Recording: (path, zs, ds) to fill. Reading: (q, G, BBC, y, end), y and end to fill. The mode the
+    compiled loop runs in is the one whose pointers are not null."""
+    anchor, states = [t.contiguous() for t in anchor], [t.contiguous() for t in states]
+    path, zs, ds = (_pointers(x) for x in recording) if recording else (None, None, None)
+    q, g, bbc, y, end = reading or (None, None, None, None, None)
+    dims, widths = _shape(states, k, write)
+    fn = getattr(library(), f"scan_forward_{SUFFIX[k.dtype]}")
+    fn(*_int(*dims), widths, _pointers(states), _pointers(anchor), *map(_pointer, (k, v, write, mix)), path, zs, ds,
+       *map(_pointer, (q, g, bbc, y)), _pointers(end) if end else None, ctypes.c_int64(torch.get_num_threads()))
+
+
 def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor,
               mix: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """The same contract as neural_memory.scan_keys."""
-    anchor, k, v, write, mix = ([t.contiguous() for t in anchor], *(t.contiguous() for t in (k, v, write, mix)))
-    dims, widths = _shape(states, k, write)
-    m, subs, c = dims[1], dims[2], dims[4]
+    """The same contract as neural_memory.scan_keys: records every sub-chunk's start state and the keys' z, d."""
+    k, v, write, mix = (t.contiguous() for t in (k, v, write, mix))
+    m, pairs, c, _ = k.shape
+    subs = write.shape[0] // m
     path = [s.new_empty(m * subs + 1, *s.shape) for s in states]
-    for p, s in zip(path, states, strict=True):
-        p[0] = s
-    zs = [k.new_empty(m, k.shape[1], c, s.shape[-1]) for s in states[:-1]]
-    ds = [k.new_empty(m, k.shape[1], c, s.shape[-1]) for s in states]
-    fn = getattr(library(), f"scan_forward_{SUFFIX[k.dtype]}")
-    fn(*_int(*dims), widths, _pointers(anchor), *(ctypes.c_void_p(t.data_ptr()) for t in (k, v, write, mix)),
-       _pointers(path), _pointers(zs), _pointers(ds), ctypes.c_int64(torch.get_num_threads()))
+    zs = [k.new_empty(m, pairs, c, s.shape[-1]) for s in states[:-1]]
+    ds = [k.new_empty(m, pairs, c, s.shape[-1]) for s in states]
+    _forward(states, anchor, k, v, write, mix, (path, zs, ds), None)
     return path, zs, ds
+
+
+def scan_and_read(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
+                  q: Tensor, G: Tensor, BBC: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Inference: the key scan with every sub-chunk's queries read from the running state as it goes (the
+    math of neural_memory.read_chunks), so that no state per sub-chunk is stored. q [m s, B H, r, d_0], G and
+    BBC the sub-chunks' coefficients. Returns the reads [m s, B H, r, d_L] and the end states."""
+    k, v, write, mix, q, G, BBC = (t.contiguous() for t in (k, v, write, mix, q, G, BBC))
+    y = q.new_empty(*q.shape[:-1], states[-1].shape[-1])
+    end = [torch.empty_like(s) for s in states]
+    _forward(states, anchor, k, v, write, mix, None, (q, G, BBC, y, end))
+    return y, end
 
 
 def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
@@ -128,8 +153,8 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
     g_states = [torch.empty_like(p[0]) for p in path]
     g_anchor = [torch.empty_like(a) for a in anchor]
     fn = getattr(library(), f"scan_backward_{SUFFIX[k.dtype]}")
-    fn(*_int(*dims), widths, _pointers(anchor), *(ctypes.c_void_p(t.data_ptr()) for t in (k, write, mix)),
+    fn(*_int(*dims), widths, _pointers(anchor), *map(_pointer, (k, write, mix)),
        *(_pointers(x) for x in (path, zs, ds, g_before, g_zs, g_ds, g_after)),
-       ctypes.c_void_p(g_z0.data_ptr()), ctypes.c_void_p(g_dout.data_ptr()), _pointers(g_states),
+       _pointer(g_z0), _pointer(g_dout), _pointers(g_states),
        _pointers(g_anchor), ctypes.c_int64(torch.get_num_threads()))
     return g_after, g_z0, g_dout, g_states, g_anchor

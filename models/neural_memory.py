@@ -444,6 +444,8 @@ def chunked_scan(
     gates = [x.split(lengths, dim=-1) for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
     states = [torch.cat([w, s], -2).flatten(0, 1) for w, s in zip(weights, momentum, strict=True)]
     anchor = [a.flatten(0, 1) for a in anchor]
+    inference = not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*weights, *momentum, *anchor, q, k, v, log_eta, log_keep, theta)))
     ys, start = [], 0
     for i, (size, count) in enumerate(groups):
         continued = (offset + start) % chunk != 0
@@ -452,12 +454,17 @@ def chunked_scan(
         kc, vc = (p[i].unflatten(-2, (count, size)).movedim(2, 0).flatten(1, 2) for p in pieces[1:])  # [m, B H, c, dh]
         # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
         anchor = anchor if continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]
-        out = KeyScan.apply(depth, kernel, *states, *anchor, kc, vc, co["write"], co["mix"])
-        path, states = out[:depth], out[depth : 2 * depth]
-        zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
-        hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
         qc = pieces[0][i].unflatten(-2, (count * subs, -1)).movedim(2, 0).flatten(1, 2)  # [m s, B H, r, dh]
-        y = read_chunks(path, hs, ds, qc, co)
+        keys = (*states, *anchor, kc, vc, co["write"], co["mix"])
+        if inference and use_native(kernel, *keys, qc, co["G"], co["BBC"]):  # reads as it scans, stores no path
+            y, states = native_scan.scan_and_read(states, anchor, kc, vc, co["write"], co["mix"], qc, co["G"],
+                                                  co["BBC"])
+        else:
+            out = KeyScan.apply(depth, kernel, *keys)
+            path, states = out[:depth], out[depth : 2 * depth]
+            zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
+            hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
+            y = read_chunks(path, hs, ds, qc, co)
         ys.append(y.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3))
         start += size * count
     weights, momentum = ([s[:, r:] if part else s[:, :r] for s, r in zip(states, rows, strict=True)] for part in (0, 1))

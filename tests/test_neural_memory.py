@@ -274,8 +274,10 @@ def test_a_failed_build_reports_the_compiler_error_and_falls_back_to_the_torch_l
         native_scan.library.cache_clear()
 
 
-@pytest.mark.parametrize("path", ["chunked", "reference"])
-def test_layer_streams_in_random_pieces_like_one_call(path):
+@pytest.mark.parametrize("path,grad", [("chunked", True), ("chunked", False), ("reference", True)])
+def test_layer_streams_in_random_pieces_like_one_call(path, grad):
+    # without grad the compiled scan reads the queries as it goes (no stored path): the pieces then take that
+    # route and the whole call the recording one, so the two are checked against each other as well
     chunked, ref = layer_pair(chunk=8)
     layer = chunked if path == "chunked" else ref
     x = torch.randn(2, 70, 32, dtype=torch.float64)
@@ -283,9 +285,10 @@ def test_layer_streams_in_random_pieces_like_one_call(path):
     gen = torch.Generator().manual_seed(1)
     cuts = sorted(set(torch.randint(1, 70, (9,), generator=gen).tolist()) | {0, 1, 3, 70})
     state, out = None, []
-    for a, b in itertools.pairwise(cuts):
-        y, state = layer(x[:, a:b], state)
-        out.append(y)
+    with torch.set_grad_enabled(grad):
+        for a, b in itertools.pairwise(cuts):
+            y, state = layer(x[:, a:b], state)
+            out.append(y)
     torch.testing.assert_close(torch.cat(out, 1), whole, rtol=1e-10, atol=1e-10)
 
 
