@@ -285,7 +285,8 @@ struct Backward {
     const T* const* g_zs;
     const T* const* g_ds;
     T* const* g_after;  // [m s, P, 2 R, C] gradient at each sub-chunk's end state; the last must be filled in
-    T *g_z0, *g_dout;   // [m, P, c, d_1] and [m, P, c, d_L]
+    T *g_k, *g_dout;    // [m, P, c, d_0] and [m, P, c, d_L] (the gradient of M(k) - v)
+    T *g_write, *g_mix;  // [m s, P, 2, r] and [m s, P, 2, 2], zero-filled
     T* const* g_states;
     T* const* g_anchor;
 
@@ -348,29 +349,57 @@ struct Backward {
                 const i64 out_cells = c * d.cols(L - 1);
                 std::memcpy(w.gz[L - 1].data(), w.gd[L - 1].data(), out_cells * sizeof(T));
                 std::memcpy(g_dout + row * out_cells, w.gd[L - 1].data(), out_cells * sizeof(T));
-                // and through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l)
+                // and through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l), down to k.
+                // On the way, with g_hw = gx d^T per sub-chunk (the gradient of the written layer inputs, negated),
+                // the gradients of the write scales and of the keys' layer inputs: g_h = g_z A^T - w_t g_hw_W - w'_t g_hw_S
                 for (i64 l = L - 1; l >= 0; --l) {
                     const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
                     gemm(h[l], 1, R, w.gz[l].data(), w.ga[l].data(), R, c, C, T(1), l != 0);
-                    if (l == 0) break;
-                    // g_h = g_z A^T - (w_t d_t) gx_W^T - (w'_t d_t) gx_S^T, row by row of the sub-chunks
                     transpose(at[l], w.wt.data(), R, C);
-                    gemm(w.gz[l].data(), C, 1, w.wt.data(), w.gh.data(), c, C, R, T(1), false);
+                    T* gh = l ? w.gh.data() : g_k + row * c * R;
+                    gemm(w.gz[l].data(), C, 1, w.wt.data(), gh, c, C, R, T(1), false);
                     const T* dl = ds[l] + row * c * C;
                     for (i64 j = 0; j < s; ++j) {
-                        const T* gx = state(g_after, l, first + j);
-                        const T* wj = write + ((first + j) * P + p) * 2 * r;
+                        const i64 u = first + j;
+                        const T* gx = state(g_after, l, u);
+                        const T* wj = write + (u * P + p) * 2 * r;
+                        T* gw = g_write + (u * P + p) * 2 * r;
                         transpose(gx, w.gx_t.data(), R, C);
                         transpose(gx + n, w.gx_t.data() + n, R, C);
                         for (i64 part = 0; part < 2; ++part) {
                             gemm(dl + j * r * C, C, 1, w.gx_t.data() + part * n, w.proj.data(), r, C, R, T(1), false);
-                            for (i64 t = 0; t < r; ++t)
-                                for (i64 a = 0; a < R; ++a) w.gh[(j * r + t) * R + a] -= wj[part * r + t] * w.proj[t * R + a];
+                            for (i64 t = 0; t < r; ++t) {
+                                const T* ht = h[l] + (j * r + t) * R;
+                                const T* pt = w.proj.data() + t * R;
+                                T* gt = gh + (j * r + t) * R;
+                                T dot = 0;
+                                for (i64 a = 0; a < R; ++a) {
+                                    gt[a] -= wj[part * r + t] * pt[a];
+                                    dot += pt[a] * ht[a];
+                                }
+                                gw[part * r + t] -= dot;
+                            }
                         }
                     }
-                    for (i64 x = 0; x < c * R; ++x) w.gz[l - 1][x] += w.gh[x] * w.slope[l - 1][x];
+                    if (l)
+                        for (i64 x = 0; x < c * R; ++x) w.gz[l - 1][x] += w.gh[x] * w.slope[l - 1][x];
                 }
-                std::memcpy(g_z0 + row * c * d.cols(0), w.gz[0].data(), c * d.cols(0) * sizeof(T));
+                // the mixing coefficients: g_mix[u] += g_after[u] (W; S) before[u]^T, over the layers
+                for (i64 j = 0; j < s; ++j) {
+                    const i64 u = first + j;
+                    T* gm = g_mix + (u * P + p) * 4;
+                    for (i64 l = 0; l < L; ++l) {
+                        const i64 n = d.numel(l);
+                        const T* ga_u = state(g_after, l, u);
+                        const T* st = path[l] + (u * P + p) * 2 * n;
+                        for (i64 row_ = 0; row_ < 2; ++row_)
+                            for (i64 col = 0; col < 2; ++col) {
+                                T dot = 0;
+                                for (i64 x = 0; x < n; ++x) dot += ga_u[row_ * n + x] * st[col * n + x];
+                                gm[row_ * 2 + col] += dot;
+                            }
+                    }
+                }
                 // the chunk's start state, through its first sub-chunk's mixing; the anchor is its start weights
                 for (i64 l = 0; l < L; ++l) {
                     const i64 n = d.numel(l);
@@ -427,11 +456,11 @@ void over_pairs(const Job& job, i64 pairs, i64 threads) {
     extern "C" void scan_backward_##SUFFIX(                                                                       \
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, const T* const* anchor, const T* k,     \
         const T* write, const T* mix, const T* const* path, const T* const* zs, const T* const* ds,              \
-        const T* const* g_before, const T* const* g_zs, const T* const* g_ds, T* const* g_after, T* g_z0,        \
-        T* g_dout, T* const* g_states, T* const* g_anchor, i64 threads) {                                         \
+        const T* const* g_before, const T* const* g_zs, const T* const* g_ds, T* const* g_after, T* g_k,         \
+        T* g_dout, T* g_write, T* g_mix, T* const* g_states, T* const* g_anchor, i64 threads) {                   \
         const Dims d{depth, m, subs, pairs, c, widths};                                                           \
-        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, g_before, g_zs, g_ds, g_after, g_z0,     \
-                               g_dout, g_states, g_anchor},                                                  \
+        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, g_before, g_zs, g_ds, g_after, g_k,      \
+                               g_dout, g_write, g_mix, g_states, g_anchor},                                      \
                    pairs, threads);                                                                               \
     }
 

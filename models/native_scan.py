@@ -139,22 +139,22 @@ def scan_and_read(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tens
 
 def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
                        zs: list[Tensor], ds: list[Tensor], g_before: list[Tensor], g_end: list[Tensor],
-                       g_zs: list[Tensor], g_ds: list[Tensor]) -> tuple[list[Tensor], ...]:
-    """The reverse loop of KeyScan.backward: the gradients at every sub-chunk's end state, of the keys'
-    first-layer pre-activations z_0 (of M(k) - v at depth 1) and of M(k) - v, of the start states and of
-    the first anchor."""
+                       g_zs: list[Tensor], g_ds: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, ...]:
+    """The same contract as neural_memory.scan_keys_backward; everything, the gradients of k, v, the write
+    scales and the mixing included, is computed inside the reverse loop."""
     anchor, g_before, g_zs, g_ds = ([t.contiguous() for t in ts] for ts in (anchor, g_before, g_zs, g_ds))
     k, write, mix = (t.contiguous() for t in (k, write, mix))
     dims, widths = _shape(path, k, write)
-    g_after = [torch.empty_like(p[:-1]) for p in path]
+    g_after = [torch.empty_like(p[:-1]) for p in path]  # the gradient at every sub-chunk's end state
     for g, ge in zip(g_after, g_end, strict=True):
         g[-1] = ge
-    g_z0, g_dout = torch.empty_like(ds[0]), torch.empty_like(ds[-1])
+    g_k, g_dout = torch.empty_like(k), torch.empty_like(ds[-1])
+    g_write, g_mix = torch.zeros_like(write), torch.zeros_like(mix)
     g_states = [torch.empty_like(p[0]) for p in path]
     g_anchor = [torch.empty_like(a) for a in anchor]
     fn = getattr(library(), f"scan_backward_{SUFFIX[k.dtype]}")
     fn(*_int(*dims), widths, _pointers(anchor), *map(_pointer, (k, write, mix)),
        *(_pointers(x) for x in (path, zs, ds, g_before, g_zs, g_ds, g_after)),
-       _pointer(g_z0), _pointer(g_dout), _pointers(g_states),
-       _pointers(g_anchor), ctypes.c_int64(torch.get_num_threads()))
-    return g_after, g_z0, g_dout, g_states, g_anchor
+       *map(_pointer, (g_k, g_dout, g_write, g_mix)), _pointers(g_states), _pointers(g_anchor),
+       ctypes.c_int64(torch.get_num_threads()))
+    return g_states, g_anchor, g_k, -g_dout, g_write, g_mix

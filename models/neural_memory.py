@@ -280,11 +280,11 @@ def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, 
 
 def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
                        zs: list[Tensor], ds: list[Tensor], g_before: list[Tensor], g_end: list[Tensor],
-                       g_zs: list[Tensor], g_ds: list[Tensor]) -> tuple[list[Tensor], ...]:
-    """The reverse pass over the chunks of scan_keys. From the gradients of its outputs (states before every
-    sub-chunk, end state, z_l, d_l) to the gradients at every sub-chunk's end state, of z_0 (of d_0 at depth
-    1) and of d_{L-1} = M(k) - v, of the start states and of the first anchor. The rest (k, v, write, mix)
-    does not flow back into earlier chunks and is left to batched products (KeyScan.backward)."""
+                       g_zs: list[Tensor], g_ds: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, ...]:
+    """The backward of scan_keys: from the gradients of its outputs (the states before every sub-chunk, the end
+    state, z_l, d_l) to those of its inputs (start states, first anchor, k, v, write, mix). A reverse pass over
+    the chunks carries the gradient at each sub-chunk's end state; what does not flow back into earlier chunks
+    (k, v, write, mix) is then left to batched products over all chunks."""
     depth, (m, bh, c, _) = len(path), k.shape
     subs, rows = write.shape[0] // m, [p.shape[-2] // 2 for p in path]
     anchors = [torch.cat([a.unsqueeze(0), p[subs : m * subs : subs, :, :r]]) for a, p, r in zip(anchor, path, rows,
@@ -350,7 +350,18 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
                     before[:, :r] += g_a[layer]
                 else:
                     g_states[layer], g_anchor[layer] = before, g_a[layer]
-    return g_after, g_z0, g_dout, g_states, g_anchor
+    # batched over all chunks: what flows to k, v, write and mix
+    g_k = g_z0 @ anchors[0].transpose(-1, -2)
+    g_write, g_mix = torch.zeros_like(sub_writes), torch.zeros_like(mix)
+    for layer, (g, h, d, p) in enumerate(zip(g_after, hs, ds, path, strict=True)):
+        # explicit 3-d bmm: matmul on these 5-d views falls back to one small product per matrix
+        d_t = to_subchunks(d, subs).reshape(m * subs * bh, c // subs, -1).transpose(-1, -2)
+        g_hw = torch.bmm(g.flatten(0, 1), d_t).view(m, subs, bh, 2, rows[layer], -1)  # [m, s, B H, 2, d_l, r]
+        g_write -= (g_hw * to_subchunks(h, subs).transpose(-1, -2).unsqueeze(-3)).sum(-2, keepdim=True)
+        if layer == 0:
+            g_k -= from_subchunks((g_hw * sub_writes).sum(-3).transpose(-1, -2))
+        g_mix += g.flatten(-2).unflatten(-1, (2, -1)) @ p[:-1].flatten(-2).unflatten(-1, (2, -1)).transpose(-1, -2)
+    return g_states, g_anchor, g_k, -g_dout, g_write.flatten(0, 1), g_mix
 
 
 class KeyScan(torch.autograd.Function):
@@ -385,26 +396,10 @@ class KeyScan(torch.autograd.Function):
                                           saved[3 * depth + 2 :]))
         g_before, g_end = list(grads[:depth]), list(grads[depth : 2 * depth])
         g_zs, g_ds = list(grads[2 * depth : 3 * depth - 1]), list(grads[3 * depth - 1 :])
-        backward_loop = native_scan.scan_keys_backward if ctx.native else scan_keys_backward
-        g_after, g_z0, g_dout, g_states, g_anchor = backward_loop(anchor, k, write, mix, path, zs, ds, g_before,
-                                                                  g_end, g_zs, g_ds)
-        (m, bh, c, _), rows = k.shape, [p.shape[-2] // 2 for p in path]
-        subs = write.shape[0] // m
-        first_anchor = torch.cat([anchor[0].unsqueeze(0), path[0][subs : m * subs : subs, :, : rows[0]]])
-        hs = [k, *(F.silu(z) for z in zs)]
-        sub_writes = write.unflatten(0, (m, subs))
-        # batched over all chunks: what flows to k, v, write and mix
-        g_k = g_z0 @ first_anchor.transpose(-1, -2)
-        g_write, g_mix = torch.zeros_like(sub_writes), torch.zeros_like(mix)
-        for layer, (g, h, d, p) in enumerate(zip(g_after, hs, ds, path, strict=True)):
-            # explicit 3-d bmm: matmul on these 5-d views falls back to one small product per matrix
-            d_t = to_subchunks(d, subs).reshape(m * subs * bh, c // subs, -1).transpose(-1, -2)
-            g_hw = torch.bmm(g.flatten(0, 1), d_t).view(m, subs, bh, 2, rows[layer], -1)  # [m, s, B H, 2, d_l, r]
-            g_write -= (g_hw * to_subchunks(h, subs).transpose(-1, -2).unsqueeze(-3)).sum(-2, keepdim=True)
-            if layer == 0:
-                g_k -= from_subchunks((g_hw * sub_writes).sum(-3).transpose(-1, -2))
-            g_mix += g.flatten(-2).unflatten(-1, (2, -1)) @ p[:-1].flatten(-2).unflatten(-1, (2, -1)).transpose(-1, -2)
-        return (None, None, *g_states, *g_anchor, g_k, -g_dout, g_write.flatten(0, 1), g_mix)
+        backward = native_scan.scan_keys_backward if ctx.native else scan_keys_backward
+        g_states, g_anchor, g_k, g_v, g_write, g_mix = backward(anchor, k, write, mix, path, zs, ds, g_before, g_end,
+                                                                g_zs, g_ds)
+        return (None, None, *g_states, *g_anchor, g_k, g_v, g_write, g_mix)
 
 
 def read_chunks(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, co: dict[str, Tensor]) -> Tensor:
