@@ -135,18 +135,151 @@ void mix_state(const T* __restrict mx, const T* __restrict in, const T* __restri
 template <typename T>
 struct Scratch {
     std::vector<std::vector<T>> hidden, slope, curve, gd, gz, ga;  // per layer
-    std::vector<T> gate, bend, ge, gh, wt, hw, hs, gx_t, proj, scores;
-    Scratch(const Dims& d) : hidden(d.depth), slope(d.depth), curve(d.depth), gd(d.depth), gz(d.depth), ga(d.depth) {
+    std::vector<std::vector<T>> qx, qz;  // the queries' layer inputs and pre-activations in a read
+    std::vector<const T*> keys, signals;
+    std::vector<T> gate, bend, ge, gh, wt, hw, hs, gx_t, proj, scores, gscores, xw, xs, gxw, gxs, gxq, gzq, y;
+    Scratch(const Dims& d)
+        : hidden(d.depth), slope(d.depth), curve(d.depth), gd(d.depth), gz(d.depth), ga(d.depth), qx(d.depth),
+          qz(d.depth), keys(d.depth), signals(d.depth) {
         const i64 c = d.c, wide = c * d.max_width(), square = d.max_width() * d.max_width();
         for (i64 l = 0; l < d.depth; ++l) {
             hidden[l].resize(c * d.rows(l));
             for (auto* v : {&slope[l], &curve[l], &gd[l], &gz[l]}) v->resize(c * d.cols(l));
             ga[l].resize(d.numel(l));
+            qx[l].resize(c * d.rows(l));
+            qz[l].resize(c * d.cols(l));
         }
-        for (auto* v : {&gate, &bend, &ge, &gh, &hw, &hs, &proj}) v->resize(wide);
+        for (auto* v : {&gate, &bend, &ge, &gh, &hw, &hs, &proj, &xw, &xs, &gxw, &gxs, &gxq, &gzq, &y}) v->resize(wide);
         wt.resize(square > wide ? square : wide);  // a transposed weight, or a sub-chunk's keys transposed
         gx_t.resize(2 * square);
         scores.resize(c * c);
+        gscores.resize(c * c);
+    }
+};
+
+// The queries of one sub-chunk, layer by layer: z = B_t x W + BC_t x S - sum_i G[t, i] (x . h_i) d_i, from the
+// state (W; S) before the sub-chunk, with h_i and d_i the layer inputs and signals of the sub-chunk's keys
+// (neural_memory.read_chunks). Leaves every layer's input x_l and pre-activation z_l in the scratch.
+template <typename T>
+void read_queries(const Dims& d, Scratch<T>& w, const std::vector<const T*>& state, const std::vector<const T*>& h,
+                  const std::vector<const T*>& dd, const T* q, const T* g, const T* bbc, T* y) {
+    const i64 L = d.depth, r = d.c / d.subs;
+    std::memcpy(w.qx[0].data(), q, r * d.rows(0) * sizeof(T));
+    for (i64 l = 0; l < L; ++l) {
+        const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
+        const T* x = w.qx[l].data();
+        T* z = w.qz[l].data();
+        gemm(x, R, 1, state[l], w.xw.data(), r, R, C, T(1), false);
+        gemm(x, R, 1, state[l] + n, w.xs.data(), r, R, C, T(1), false);
+        for (i64 t = 0; t < r; ++t)
+            for (i64 b = 0; b < C; ++b) z[t * C + b] = bbc[2 * t] * w.xw[t * C + b] + bbc[2 * t + 1] * w.xs[t * C + b];
+        transpose(h[l], w.wt.data(), r, R);
+        gemm(x, R, 1, w.wt.data(), w.scores.data(), r, R, r, T(1), false);  // x . h_i
+        for (i64 x2 = 0; x2 < r * r; ++x2) w.scores[x2] *= g[x2];
+        gemm(w.scores.data(), r, 1, dd[l], z, r, r, C, T(-1), true);
+        if (l + 1 < L) {
+            sigmoid(z, w.gate.data(), r * C);
+            for (i64 x2 = 0; x2 < r * C; ++x2) w.qx[l + 1][x2] = z[x2] * w.gate[x2];
+        } else {
+            std::memcpy(y, z, r * C * sizeof(T));
+        }
+    }
+}
+
+// The reads of all sub-chunks from a recorded path (training), and their backward: every sub-chunk is
+// independent, so there is no sequential dependence here; the backward recomputes each sub-chunk's forward
+// rather than storing it. Layouts: path[l] [m s, P, 2 R, C]; h[l], dd[l] [m, P, c, R or C] (whole chunks);
+// q [m s, P, r, d_0]; G [m s, P, r, r]; BBC [m s, P, r, 2]; y and g_y [m s, P, r, d_L].
+template <typename T>
+struct Reads {
+    const Dims& d;
+    const T* const* path;
+    const T* const* h;
+    const T* const* dd;
+    const T *q, *G, *BBC;
+    T* y;  // forward only
+    const T* g_y;  // backward only: then the rest are outputs
+    T *g_q, *g_G, *g_BBC;
+    T* const* g_path;
+    T* const* g_h;  // [m, P, c, R], zero-filled
+    T* const* g_dd;  // [m, P, c, C], zero-filled
+
+    void run(i64 lo, i64 hi) const {
+        const i64 L = d.depth, s = d.subs, r = d.c / s, P = d.pairs;
+        Scratch<T> w(d);
+        std::vector<const T*> state(L), hs(L), ds(L);
+        for (i64 p = lo; p < hi; ++p)
+            for (i64 u = 0; u < d.m * s; ++u) {
+                const i64 at = u * P + p, chunk_row = ((u / s) * P + p) * d.c + (u % s) * r;
+                for (i64 l = 0; l < L; ++l) {
+                    state[l] = path[l] + at * 2 * d.numel(l);
+                    hs[l] = h[l] + chunk_row * d.rows(l);
+                    ds[l] = dd[l] + chunk_row * d.cols(l);
+                }
+                const T *qu = q + at * r * d.rows(0), *g = G + at * r * r, *bbc = BBC + at * r * 2;
+                T* out = g_y ? w.y.data() : y + at * r * d.cols(L - 1);
+                read_queries(d, w, state, hs, ds, qu, g, bbc, out);
+                if (g_y) backward(w, state, hs, ds, g, bbc, at, chunk_row);
+            }
+    }
+
+    // z = B_t x W + BC_t x S - (G o x h^T) dd, taken back layer by layer to x, W, S, B, BC, G, h and dd
+    void backward(Scratch<T>& w, const std::vector<const T*>& state, const std::vector<const T*>& hs,
+                  const std::vector<const T*>& ds, const T* g, const T* bbc, i64 at, i64 chunk_row) const {
+        const i64 L = d.depth, r = d.c / d.subs;
+        T* gz = w.gzq.data();
+        std::memcpy(gz, g_y + at * r * d.cols(L - 1), r * d.cols(L - 1) * sizeof(T));
+        T* gbbc = g_BBC + at * r * 2;
+        T* gG = g_G + at * r * r;
+        for (i64 l = L - 1; l >= 0; --l) {
+            const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
+            const T* x = w.qx[l].data();
+            // recompute x W and x S for the gradients of B and BC
+            gemm(x, R, 1, state[l], w.xw.data(), r, R, C, T(1), false);
+            gemm(x, R, 1, state[l] + n, w.xs.data(), r, R, C, T(1), false);
+            for (i64 t = 0; t < r; ++t) {
+                T gb = 0, gbc = 0;
+                for (i64 b = 0; b < C; ++b) {
+                    gb += gz[t * C + b] * w.xw[t * C + b];
+                    gbc += gz[t * C + b] * w.xs[t * C + b];
+                    w.gxw[t * C + b] = bbc[2 * t] * gz[t * C + b];
+                    w.gxs[t * C + b] = bbc[2 * t + 1] * gz[t * C + b];
+                }
+                gbbc[2 * t] += gb;
+                gbbc[2 * t + 1] += gbc;
+            }
+            T* gp = g_path[l] + at * 2 * n;  // (W; S): x^T g_xw over x^T g_xs
+            gemm(x, 1, R, w.gxw.data(), gp, R, r, C, T(1), false);
+            gemm(x, 1, R, w.gxs.data(), gp + n, R, r, C, T(1), false);
+            T* gx = w.gxq.data();  // g_x = g_xw W^T + g_xs S^T + (g_A o G) h
+            transpose(state[l], w.wt.data(), R, C);
+            gemm(w.gxw.data(), C, 1, w.wt.data(), gx, r, C, R, T(1), false);
+            transpose(state[l] + n, w.wt.data(), R, C);
+            gemm(w.gxs.data(), C, 1, w.wt.data(), gx, r, C, R, T(1), true);
+            // scores S = x h^T and A = G o S; g_A = -g_z dd^T, g_dd = -A^T g_z, g_G = g_A o S
+            transpose(hs[l], w.wt.data(), r, R);
+            gemm(x, R, 1, w.wt.data(), w.scores.data(), r, R, r, T(1), false);
+            transpose(ds[l], w.wt.data(), r, C);
+            gemm(gz, C, 1, w.wt.data(), w.gscores.data(), r, C, r, T(-1), false);  // g_A
+            for (i64 x2 = 0; x2 < r * r; ++x2) {
+                gG[x2] += w.gscores[x2] * w.scores[x2];
+                w.scores[x2] *= g[x2];      // A
+                w.gscores[x2] *= g[x2];     // g_S = g_A o G
+            }
+            gemm(w.scores.data(), 1, r, gz, g_dd[l] + chunk_row * C, r, r, C, T(-1), true);
+            gemm(w.gscores.data(), r, 1, hs[l], gx, r, r, R, T(1), true);  // + g_S h
+            gemm(w.gscores.data(), 1, r, x, g_h[l] + chunk_row * R, r, r, R, T(1), true);  // g_h += g_S^T x
+            if (l == 0) {
+                std::memcpy(g_q + at * r * R, gx, r * R * sizeof(T));
+            } else {  // through x_l = silu(z_{l-1})
+                const T* zp = w.qz[l - 1].data();
+                sigmoid(zp, w.gate.data(), r * R);
+                for (i64 x2 = 0; x2 < r * R; ++x2) {
+                    const T sg = w.gate[x2];
+                    gz[x2] = gx[x2] * sg * (1 + zp[x2] * (1 - sg));
+                }
+            }
+        }
     }
 };
 
@@ -245,31 +378,15 @@ struct Forward {
         }
     }
 
-    // the queries of sub-chunk u, layer by layer: z = B_t x W + BC_t x S - sum_i G[t, i] (x . h_i) d_i, from the
-    // state before the sub-chunk, with h_i and d_i the layer inputs and signals of the sub-chunk's keys
     void read(Scratch<T>& w, const std::vector<const T*>& before, const std::vector<const T*>& h,
               const std::vector<T*>& dl, i64 u, i64 p, i64 offset) const {
-        const i64 L = d.depth, r = d.c / d.subs, P = d.pairs;
-        const T* x = q + (u * P + p) * r * d.rows(0);
-        const T* bbc = BBC + (u * P + p) * r * 2;
-        const T* g = G + (u * P + p) * r * r;
-        for (i64 l = 0; l < L; ++l) {
-            const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-            T* z = l + 1 < L ? w.gh.data() : y + (u * P + p) * r * C;
-            gemm(x, R, 1, before[l], z, r, R, C, T(1), false);          // x W
-            gemm(x, R, 1, before[l] + n, w.proj.data(), r, R, C, T(1), false);  // x S
-            for (i64 t = 0; t < r; ++t)
-                for (i64 b = 0; b < C; ++b) z[t * C + b] = bbc[2 * t] * z[t * C + b] + bbc[2 * t + 1] * w.proj[t * C + b];
-            transpose(h[l] + offset * R, w.wt.data(), r, R);
-            gemm(x, R, 1, w.wt.data(), w.scores.data(), r, R, r, T(1), false);  // x . h_i
-            for (i64 x2 = 0; x2 < r * r; ++x2) w.scores[x2] *= g[x2];
-            gemm(w.scores.data(), r, 1, dl[l] + offset * C, z, r, r, C, T(-1), true);
-            if (l + 1 < L) {
-                sigmoid(z, w.gate.data(), r * C);
-                for (i64 x2 = 0; x2 < r * C; ++x2) w.ge[x2] = z[x2] * w.gate[x2];
-                x = w.ge.data();
-            }
+        const i64 r = d.c / d.subs, at = u * d.pairs + p;
+        for (i64 l = 0; l < d.depth; ++l) {
+            w.keys[l] = h[l] + offset * d.rows(l);
+            w.signals[l] = dl[l] + offset * d.cols(l);
         }
+        read_queries(d, w, before, w.keys, w.signals, q + at * r * d.rows(0), G + at * r * r, BBC + at * r * 2,
+                     y + at * r * d.cols(d.depth - 1));
     }
 };
 
@@ -464,5 +581,26 @@ void over_pairs(const Job& job, i64 pairs, i64 threads) {
                    pairs, threads);                                                                               \
     }
 
+#define TITANS_READ_EXPORTS(T, SUFFIX)                                                                             \
+    extern "C" void read_forward_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,        \
+                                          const T* const* path, const T* const* h, const T* const* dd,            \
+                                          const T* q, const T* G, const T* BBC, T* y, i64 threads) {              \
+        const Dims d{depth, m, subs, pairs, c, widths};                                                           \
+        over_pairs(Reads<T>{d, path, h, dd, q, G, BBC, y, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,   \
+                            nullptr},                                                                             \
+                   pairs, threads);                                                                               \
+    }                                                                                                             \
+    extern "C" void read_backward_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,       \
+                                           const T* const* path, const T* const* h, const T* const* dd,           \
+                                           const T* q, const T* G, const T* BBC, const T* g_y, T* g_q, T* g_G,    \
+                                           T* g_BBC, T* const* g_path, T* const* g_h, T* const* g_dd,             \
+                                           i64 threads) {                                                         \
+        const Dims d{depth, m, subs, pairs, c, widths};                                                           \
+        over_pairs(Reads<T>{d, path, h, dd, q, G, BBC, nullptr, g_y, g_q, g_G, g_BBC, g_path, g_h, g_dd}, pairs,  \
+                   threads);                                                                                      \
+    }
+
+TITANS_READ_EXPORTS(float, f32)
+TITANS_READ_EXPORTS(double, f64)
 TITANS_SCAN_EXPORTS(float, f32)
 TITANS_SCAN_EXPORTS(double, f64)

@@ -158,3 +158,33 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
        *map(_pointer, (g_k, g_dout, g_write, g_mix)), _pointers(g_states), _pointers(g_anchor),
        ctypes.c_int64(torch.get_num_threads()))
     return g_states, g_anchor, g_k, -g_dout, g_write, g_mix
+
+
+def _read_args(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor) -> list:
+    m, pairs, c, _ = hs[0].shape
+    widths = [h.shape[-1] for h in hs] + [ds[-1].shape[-1]]
+    dims = [len(path), m, q.shape[0] // m, pairs, c]
+    return [*_int(*dims), (ctypes.c_int64 * len(widths))(*widths), *(_pointers(x) for x in (path, hs, ds)),
+            *map(_pointer, (q, G, BBC))]
+
+
+def read(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor) -> Tensor:
+    """The math of neural_memory.read_chunks, with the keys' layer inputs hs and signals ds per whole chunk
+    ([m, B H, c, .]) and everything else per sub-chunk. All inputs contiguous."""
+    y = q.new_empty(*q.shape[:-1], ds[-1].shape[-1])
+    library_fn = getattr(library(), f"read_forward_{SUFFIX[q.dtype]}")
+    library_fn(*_read_args(path, hs, ds, q, G, BBC), _pointer(y), ctypes.c_int64(torch.get_num_threads()))
+    return y
+
+
+def read_backward(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor,
+                  g_y: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor, Tensor]:
+    """Gradients of `read` with respect to path, hs, ds, q, G and BBC; each sub-chunk's forward is recomputed."""
+    g_y = g_y.contiguous()  # held in a name: a temporary's memory could be freed before the call reads it
+    g_path = [torch.empty_like(p) for p in path]
+    g_hs, g_ds = [torch.zeros_like(h) for h in hs], [torch.zeros_like(d) for d in ds]
+    g_q, g_G, g_BBC = torch.empty_like(q), torch.zeros_like(G), torch.zeros_like(BBC)
+    library_fn = getattr(library(), f"read_backward_{SUFFIX[q.dtype]}")
+    library_fn(*_read_args(path, hs, ds, q, G, BBC), _pointer(g_y), *map(_pointer, (g_q, g_G, g_BBC)),
+               *(_pointers(x) for x in (g_path, g_hs, g_ds)), ctypes.c_int64(torch.get_num_threads()))
+    return g_path, g_hs, g_ds, g_q, g_G, g_BBC

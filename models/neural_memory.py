@@ -402,6 +402,30 @@ class KeyScan(torch.autograd.Function):
         return (None, None, *g_states, *g_anchor, g_k, g_v, g_write, g_mix)
 
 
+class Read(torch.autograd.Function):
+    """read_chunks compiled (native_scan.read), with a hand-written backward that recomputes each sub-chunk's
+    forward. Keys' layer inputs hs and signals ds come per whole chunk [m, B H, c, .], the rest per sub-chunk."""
+
+    @staticmethod
+    def forward(ctx, depth: int, *tensors: Tensor) -> Tensor:
+        tensors = tuple(t.contiguous() for t in tensors)
+        ctx.depth = depth
+        ctx.save_for_backward(*tensors)
+        return native_scan.read(*split_read_args(depth, tensors))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_y: Tensor):
+        g_path, g_hs, g_ds, g_q, g_G, g_BBC = native_scan.read_backward(*split_read_args(ctx.depth, ctx.saved_tensors),
+                                                                          g_y)
+        return (None, *g_path, *g_hs, *g_ds, g_q, g_G, g_BBC)
+
+
+def split_read_args(depth: int, tensors: tuple[Tensor, ...]) -> tuple:
+    path, hs, ds = (list(tensors[i * depth : (i + 1) * depth]) for i in range(3))
+    return (path, hs, ds, *tensors[3 * depth :])
+
+
 def read_chunks(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, co: dict[str, Tensor]) -> Tensor:
     """The query reads of all m sub-chunks at once, as batched matmuls: layer l's pre-activation of the query
     at t is B_t x W_l + BC_t x S_l - sum_i G[t, i] (x . H_l[i]) D_l[i], from the state at the sub-chunk's
@@ -458,8 +482,12 @@ def chunked_scan(
             out = KeyScan.apply(depth, kernel, *keys)
             path, states = out[:depth], out[depth : 2 * depth]
             zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
-            hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
-            y = read_chunks(path, hs, ds, qc, co)
+            hs = [kc, *map(F.silu, zs)]
+            if use_native(kernel, *path, *hs, *ds, qc, co["G"], co["BBC"]):
+                y = Read.apply(depth, *path, *hs, *ds, qc, co["G"], co["BBC"])
+            else:
+                hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in (hs, ds))
+                y = read_chunks(path, hs, ds, qc, co)
         ys.append(y.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3))
         start += size * count
     weights, momentum = ([s[:, r:] if part else s[:, :r] for s, r in zip(states, rows, strict=True)] for part in (0, 1))

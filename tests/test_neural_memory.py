@@ -14,18 +14,22 @@ from models.neural_memory import (
     KeyScan,
     MemoryConfig,
     NeuralMemory,
+    Read,
     chunk_coefficients,
     chunked_scan,
     l2_normalise,
     mlp_backprop,
     mlp_forward,
+    read_chunks,
     reference_scan,
     scan_keys,
     scan_keys_backward,
+    to_subchunks,
     use_native,
 )
 
-needs_native = pytest.mark.skipif(not native_scan.available(), reason="no C++ compiler: the compiled scan is unavailable")
+needs_native = pytest.mark.skipif(not native_scan.available(),
+                                  reason="no C++ compiler: the compiled scan is unavailable")
 KERNELS = ["torch", pytest.param("native", marks=needs_native)]
 
 
@@ -222,9 +226,35 @@ def test_compiled_key_scan_equals_the_torch_loop_forward_and_backward(dtype, wid
     g_before, g_end, g_zs, g_ds = ([torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in ts]
                                    for ts in ([p[:-1] for p in path], [p[-1] for p in path], zs, ds))
     args = (anchor, k, write, mix, path, zs, ds, g_before, g_end, g_zs, g_ds)
-    for e, a in zip(itertools.chain(*scan_keys_backward(*args)), itertools.chain(*native_scan.scan_keys_backward(*args)),
-                    strict=True):
+    expected, got = scan_keys_backward(*args), native_scan.scan_keys_backward(*args)
+    for e, a in zip(itertools.chain(*expected), itertools.chain(*got), strict=True):
         assert torch.isfinite(e).all() and rel_err(a, e) < tol
+
+
+@needs_native
+@pytest.mark.parametrize("subs,widths", [(1, (8, 8)), (2, (8, 16, 32, 8)), (4, (6, 12, 6))])
+def test_compiled_reads_and_their_backward_equal_read_chunks(subs, widths):
+    # the upstream gradient of a sum is a broadcast tensor with zero strides, as in training
+    depth, m, pairs, c = len(widths) - 1, 3, 5, 16
+    g = torch.Generator().manual_seed(2)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    path = [rnd(m * subs, pairs, 2 * a, b) / a for a, b in zip(widths, widths[1:], strict=False)]
+    hs, ds = [rnd(m, pairs, c, a) for a in widths[:-1]], [rnd(m, pairs, c, b) for b in widths[1:]]
+    q, G, BBC = rnd(m * subs, pairs, c // subs, widths[0]), rnd(m * subs, pairs, c // subs, c // subs), rnd(
+        m * subs, pairs, c // subs, 2, 1)
+    leaves = [t.requires_grad_(True) for t in (*path, *hs, *ds, q, G, BBC)]
+
+    def torch_read(*t):
+        split = [to_subchunks(x, subs).flatten(0, 1) for x in t[depth : 3 * depth]]
+        return read_chunks(list(t[:depth]), split[:depth], split[depth:], t[-3], {"G": t[-2], "BBC": t[-1]})
+
+    expected, got = torch_read(*leaves), Read.apply(depth, *leaves)
+    assert rel_err(got, expected) < 1e-12
+    for e, a in zip(torch.autograd.grad(expected.sum(), leaves), torch.autograd.grad(got.sum(), leaves), strict=True):
+        assert rel_err(a, e) < 1e-12
 
 
 @needs_native
@@ -335,8 +365,8 @@ def test_long_inputs_streamed_in_blocks_equal_one_block():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("bad", [dict(rule="hebbian"), dict(path="fast"), dict(kernel="cuda"), dict(depth=0), dict(chunk=0),
-                                 dict(block=0)])
+@pytest.mark.parametrize("bad", [dict(rule="hebbian"), dict(path="fast"), dict(kernel="cuda"), dict(depth=0),
+                                 dict(chunk=0), dict(block=0)])
 def test_bad_memory_config_names_what_is_valid(bad):
     with pytest.raises(ValueError):
         MemoryConfig(**bad)
