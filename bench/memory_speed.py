@@ -5,7 +5,9 @@ judged from the same run.
 
 What each computes: ours follows the paper (gradients anchored at every chunk start, per-token gates,
 reads after each token's write); titans-pytorch takes every inner gradient at the call's initial weights
-unless a batch size is set, pools the gates per chunk and reads chunk-end weights only.
+unless a batch size is set, pools the gates per chunk and reads chunk-end weights only. `--kernel` picks our
+memory kernel (default: compiled where usable). Forward work is counted by FlopCounterMode, under which our
+layer runs its torch loops: the compiled ones do the same products, invisibly to the counter.
 
 For each (chunk, n) cell the implementations are timed interleaved, repeat after repeat, so that all of
 them see the same phases of a shared machine, and the best of `--repeats` runs after a warm-up counts: the
@@ -17,13 +19,14 @@ minimum is the least noisy estimate of what the code costs.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.neural_memory import MemoryConfig, NeuralMemory
+from models.neural_memory import KERNELS, MemoryConfig, NeuralMemory
 
 
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
@@ -35,8 +38,8 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def ours(dim: int, heads: int, depth: int, chunk: int) -> torch.nn.Module:
-    layer = NeuralMemory(dim, MemoryConfig(n_heads=heads, depth=depth, chunk=chunk, expansion=2.0))
+def ours(dim: int, heads: int, depth: int, chunk: int, kernel: str = "auto") -> torch.nn.Module:
+    layer = NeuralMemory(dim, MemoryConfig(n_heads=heads, depth=depth, chunk=chunk, expansion=2.0, kernel=kernel))
     return _Wrap(lambda x: layer(x)[0], layer)
 
 
@@ -123,14 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cell after a warm-up; the best counts")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kernel", default="auto", choices=KERNELS, help="our memory kernel (see MemoryConfig)")
     p.add_argument("--titans-pytorch", action="store_true", help="also measure titans-pytorch's NeuralMemory")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     peak = matmul_peak_gflops()
     print(f"threads {args.threads}, batch {args.batch}, D {args.dim}, heads {args.heads}, depth {args.depth}, "
-          f"best of {args.repeats}; fp32 matmul peak {peak:.0f} GFLOP/s")
-    impls = {"ours": ours} | ({"titans-pytorch": titans_pytorch} if args.titans_pytorch else {})
+          f"kernel {args.kernel}, best of {args.repeats}; fp32 matmul peak {peak:.0f} GFLOP/s")
+    impls = {"ours": functools.partial(ours, kernel=args.kernel)} | (
+        {"titans-pytorch": titans_pytorch} if args.titans_pytorch else {})
     header = ("impl", "chunk", "n", "fwd tok/s", "fwd+bwd tok/s", "fwd GFLOP", "fwd GFLOP/s", "% peak")
     print("{:<15} {:>5} {:>6} {:>11} {:>14} {:>10} {:>12} {:>7}".format(*header))
     results = {}

@@ -21,10 +21,12 @@ Two paths compute the same thing:
   momentum decays fast within a chunk). No per-token weight tensor is ever built: cost O(b^2 d + b d h)
   per chunk, linear in n. Only the key side (each chunk's gradients at the weights the previous chunk
   left) runs chunk by chunk, with a hand-written backward that replays it in reverse (`KeyScan`); the
-  query reads of all chunks then run as batched matmuls. A chunk that is a multiple of `read_chunk` is read
-  in sub-chunks that share its anchor (the same coefficients at a finer grain: the c x c work shrinks,
-  the result does not change), and long inputs are streamed through the state in blocks so that
-  temporaries stay cache-sized.
+  query reads of all chunks then run as batched matmuls (`read_chunks`, or `Read`). On CPU both run as
+  compiled loops (native_scan.cpp, `kernel` in MemoryConfig), which also read the queries during the scan
+  when no gradient is needed; the torch versions stay as the GPU path and as the tested reference. A
+  chunk that is a multiple of `read_chunk` is read in sub-chunks that share its anchor (the same
+  coefficients at a finer grain: the c x c work shrinks, the result does not change), and long inputs are
+  streamed through the state in blocks so that temporaries stay cache-sized.
 
 Choices the paper leaves open (config values, defaults in MemoryConfig): memory MLP depth and hidden
 width, SiLU activation, chunk size, conv kernel, gate parameterisation theta = max_lr * sigmoid,
