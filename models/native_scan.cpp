@@ -135,21 +135,22 @@ void mix_state(const T* __restrict mx, const T* __restrict in, const T* __restri
 template <typename T>
 struct Scratch {
     std::vector<std::vector<T>> hidden, slope, curve, gd, gz, ga;  // per layer
-    std::vector<std::vector<T>> qx, qz;  // the queries' layer inputs and pre-activations in a read
+    std::vector<std::vector<T>> qx, qz, qxw, qxs;  // in a read, per layer: the queries' inputs, pre-activations,
+                                                   // and their products with W and S
     std::vector<const T*> keys, signals;
-    std::vector<T> gate, bend, ge, gh, wt, hw, hs, gx_t, proj, scores, gscores, xw, xs, gxw, gxs, gxq, gzq, y;
+    std::vector<T> gate, bend, ge, gh, wt, hw, hs, gx_t, proj, scores, gscores, gxw, gxs, gxq, gzq, y;
     Scratch(const Dims& d)
         : hidden(d.depth), slope(d.depth), curve(d.depth), gd(d.depth), gz(d.depth), ga(d.depth), qx(d.depth),
-          qz(d.depth), keys(d.depth), signals(d.depth) {
+          qz(d.depth), qxw(d.depth), qxs(d.depth), keys(d.depth), signals(d.depth) {
         const i64 c = d.c, wide = c * d.max_width(), square = d.max_width() * d.max_width();
         for (i64 l = 0; l < d.depth; ++l) {
             hidden[l].resize(c * d.rows(l));
             for (auto* v : {&slope[l], &curve[l], &gd[l], &gz[l]}) v->resize(c * d.cols(l));
             ga[l].resize(d.numel(l));
             qx[l].resize(c * d.rows(l));
-            qz[l].resize(c * d.cols(l));
+            for (auto* v : {&qz[l], &qxw[l], &qxs[l]}) v->resize(c * d.cols(l));
         }
-        for (auto* v : {&gate, &bend, &ge, &gh, &hw, &hs, &proj, &xw, &xs, &gxw, &gxs, &gxq, &gzq, &y}) v->resize(wide);
+        for (auto* v : {&gate, &bend, &ge, &gh, &hw, &hs, &proj, &gxw, &gxs, &gxq, &gzq, &y}) v->resize(wide);
         wt.resize(square > wide ? square : wide);  // a transposed weight, or a sub-chunk's keys transposed
         gx_t.resize(2 * square);
         scores.resize(c * c);
@@ -168,11 +169,11 @@ void read_queries(const Dims& d, Scratch<T>& w, const std::vector<const T*>& sta
     for (i64 l = 0; l < L; ++l) {
         const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
         const T* x = w.qx[l].data();
-        T* z = w.qz[l].data();
-        gemm(x, R, 1, state[l], w.xw.data(), r, R, C, T(1), false);
-        gemm(x, R, 1, state[l] + n, w.xs.data(), r, R, C, T(1), false);
+        T *z = w.qz[l].data(), *xw = w.qxw[l].data(), *xs = w.qxs[l].data();
+        gemm(x, R, 1, state[l], xw, r, R, C, T(1), false);
+        gemm(x, R, 1, state[l] + n, xs, r, R, C, T(1), false);
         for (i64 t = 0; t < r; ++t)
-            for (i64 b = 0; b < C; ++b) z[t * C + b] = bbc[2 * t] * w.xw[t * C + b] + bbc[2 * t + 1] * w.xs[t * C + b];
+            for (i64 b = 0; b < C; ++b) z[t * C + b] = bbc[2 * t] * xw[t * C + b] + bbc[2 * t + 1] * xs[t * C + b];
         transpose(h[l], w.wt.data(), r, R);
         gemm(x, R, 1, w.wt.data(), w.scores.data(), r, R, r, T(1), false);  // x . h_i
         for (i64 x2 = 0; x2 < r * r; ++x2) w.scores[x2] *= g[x2];
@@ -201,8 +202,8 @@ struct Reads {
     const T* g_y;  // backward only: then the rest are outputs
     T *g_q, *g_G, *g_BBC;
     T* const* g_path;
-    T* const* g_h;  // [m, P, c, R], zero-filled
-    T* const* g_dd;  // [m, P, c, C], zero-filled
+    T* const* g_h;  // [m, P, c, R]
+    T* const* g_dd;  // [m, P, c, C]
 
     void run(i64 lo, i64 hi) const {
         const i64 L = d.depth, s = d.subs, r = d.c / s, P = d.pairs;
@@ -233,20 +234,18 @@ struct Reads {
         T* gG = g_G + at * r * r;
         for (i64 l = L - 1; l >= 0; --l) {
             const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-            const T* x = w.qx[l].data();
-            // recompute x W and x S for the gradients of B and BC
-            gemm(x, R, 1, state[l], w.xw.data(), r, R, C, T(1), false);
-            gemm(x, R, 1, state[l] + n, w.xs.data(), r, R, C, T(1), false);
+            const T *x = w.qx[l].data(), *xw = w.qxw[l].data(), *xs = w.qxs[l].data();
+            const bool first = l == L - 1;  // the first layer visited writes the gradients of G and BBC
             for (i64 t = 0; t < r; ++t) {
                 T gb = 0, gbc = 0;
                 for (i64 b = 0; b < C; ++b) {
-                    gb += gz[t * C + b] * w.xw[t * C + b];
-                    gbc += gz[t * C + b] * w.xs[t * C + b];
+                    gb += gz[t * C + b] * xw[t * C + b];
+                    gbc += gz[t * C + b] * xs[t * C + b];
                     w.gxw[t * C + b] = bbc[2 * t] * gz[t * C + b];
                     w.gxs[t * C + b] = bbc[2 * t + 1] * gz[t * C + b];
                 }
-                gbbc[2 * t] += gb;
-                gbbc[2 * t + 1] += gbc;
+                gbbc[2 * t] = (first ? T(0) : gbbc[2 * t]) + gb;
+                gbbc[2 * t + 1] = (first ? T(0) : gbbc[2 * t + 1]) + gbc;
             }
             T* gp = g_path[l] + at * 2 * n;  // (W; S): x^T g_xw over x^T g_xs
             gemm(x, 1, R, w.gxw.data(), gp, R, r, C, T(1), false);
@@ -262,13 +261,13 @@ struct Reads {
             transpose(ds[l], w.wt.data(), r, C);
             gemm(gz, C, 1, w.wt.data(), w.gscores.data(), r, C, r, T(-1), false);  // g_A
             for (i64 x2 = 0; x2 < r * r; ++x2) {
-                gG[x2] += w.gscores[x2] * w.scores[x2];
+                gG[x2] = (first ? T(0) : gG[x2]) + w.gscores[x2] * w.scores[x2];
                 w.scores[x2] *= g[x2];      // A
                 w.gscores[x2] *= g[x2];     // g_S = g_A o G
             }
-            gemm(w.scores.data(), 1, r, gz, g_dd[l] + chunk_row * C, r, r, C, T(-1), true);
+            gemm(w.scores.data(), 1, r, gz, g_dd[l] + chunk_row * C, r, r, C, T(-1), false);
             gemm(w.gscores.data(), r, 1, hs[l], gx, r, r, R, T(1), true);  // + g_S h
-            gemm(w.gscores.data(), 1, r, x, g_h[l] + chunk_row * R, r, r, R, T(1), true);  // g_h += g_S^T x
+            gemm(w.gscores.data(), 1, r, x, g_h[l] + chunk_row * R, r, r, R, T(1), false);  // g_h = g_S^T x
             if (l == 0) {
                 std::memcpy(g_q + at * r * R, gx, r * R * sizeof(T));
             } else {  // through x_l = silu(z_{l-1})

@@ -182,8 +182,8 @@ def read_backward(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Ten
     """Gradients of `read` with respect to path, hs, ds, q, G and BBC; each sub-chunk's forward is recomputed."""
     g_y = g_y.contiguous()  # held in a name: a temporary's memory could be freed before the call reads it
     g_path = [torch.empty_like(p) for p in path]
-    g_hs, g_ds = [torch.zeros_like(h) for h in hs], [torch.zeros_like(d) for d in ds]
-    g_q, g_G, g_BBC = torch.empty_like(q), torch.zeros_like(G), torch.zeros_like(BBC)
+    g_hs, g_ds = [torch.empty_like(h) for h in hs], [torch.empty_like(d) for d in ds]
+    g_q, g_G, g_BBC = torch.empty_like(q), torch.empty_like(G), torch.empty_like(BBC)
     library_fn = getattr(library(), f"read_backward_{SUFFIX[q.dtype]}")
     library_fn(*_read_args(path, hs, ds, q, G, BBC), _pointer(g_y), *map(_pointer, (g_q, g_G, g_BBC)),
                *(_pointers(x) for x in (g_path, g_hs, g_ds)), ctypes.c_int64(torch.get_num_threads()))

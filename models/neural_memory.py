@@ -503,8 +503,9 @@ def chunked_scan(
 
 class CausalDepthwiseConv(nn.Module):
     """Per-channel causal convolution on time-major input: y_t = bias + sum_j w_j * u_{t+j}, where u carries
-    kernel - 1 earlier steps in front. Written as shifted products: at these widths it is several times
-    faster than Conv1d's depthwise kernels, backward above all, and needs no transposes."""
+    kernel - 1 earlier steps in front. Written as shifted products with a hand-written backward: at these
+    widths it is several times faster than Conv1d's depthwise kernels, needs no transposes, and autograd
+    through the shifted slices would zero-fill a full-size gradient per tap."""
 
     def __init__(self, channels: int, kernel: int):
         super().__init__()
@@ -515,12 +516,31 @@ class CausalDepthwiseConv(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         """u: [B, kernel - 1 + N, C] -> [B, N, C]."""
-        kernel = self.weight.shape[0]
-        n = u.shape[1] - kernel + 1
-        y = torch.addcmul(self.bias, u[:, :n], self.weight[0])
-        for j in range(1, kernel):
-            y = torch.addcmul(y, u[:, j : j + n], self.weight[j])
+        return ShiftedProducts.apply(u, self.weight, self.bias)
+
+
+class ShiftedProducts(torch.autograd.Function):
+    """y = bias + sum_j w_j * u[:, j : j + n]; the gradient of u is the same sum taken the other way."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        n = u.shape[1] - weight.shape[0] + 1
+        y = torch.addcmul(bias, u[:, :n], weight[0])
+        for j in range(1, weight.shape[0]):
+            y.addcmul_(u[:, j : j + n], weight[j])
+        ctx.save_for_backward(u, weight)
         return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_y: Tensor):
+        u, weight = ctx.saved_tensors
+        n = g_y.shape[1]
+        g_u = torch.zeros_like(u)
+        for j in range(weight.shape[0]):
+            g_u[:, j : j + n].addcmul_(g_y, weight[j])
+        g_w = torch.stack([(g_y * u[:, j : j + n]).sum((0, 1)) for j in range(weight.shape[0])])
+        return g_u, g_w, g_y.sum((0, 1))
 
 
 def l2_normalise(x: Tensor) -> Tensor:
@@ -577,7 +597,7 @@ class NeuralMemory(nn.Module):
     def finish(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMS-norm, sigmoid gate from x, output projection: [B, H, N, dh] -> [B, N, D]."""
         b, n, d = x.shape
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm
+        y = F.rms_norm(y, (self.dh,), self.out_norm, eps=1e-6)
         return self.out(y.transpose(1, 2).reshape(b, n, d) * torch.sigmoid(self.out_gate(x)))
 
     def project(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, ...]:

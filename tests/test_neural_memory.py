@@ -15,6 +15,7 @@ from models.neural_memory import (
     MemoryConfig,
     NeuralMemory,
     Read,
+    ShiftedProducts,
     chunk_coefficients,
     chunked_scan,
     l2_normalise,
@@ -351,6 +352,12 @@ def test_causal_depthwise_conv_equals_conv1d_with_left_padding():
     u = torch.randn(2, 3 + 20, 6, dtype=torch.float64)  # three steps of history in front
     expected = F.conv1d(u.transpose(1, 2), conv.weight.t().unsqueeze(1), conv.bias, groups=6).transpose(1, 2)
     torch.testing.assert_close(conv(u), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_depthwise_conv_backward_passes_gradcheck():
+    conv = CausalDepthwiseConv(3, 4).double()
+    u = torch.randn(2, 3 + 7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, w, b: ShiftedProducts.apply(u, w, b), (u, conv.weight, conv.bias))
 
 
 def test_long_inputs_streamed_in_blocks_equal_one_block():
