@@ -68,7 +68,7 @@ class MemoryConfig:
     rule: str = "titans"  # "titans", or the seed paper's update as written ("seed") or sign-corrected
     seed_gamma: float = 1.0  # seed rule: beta_t = exp(-gamma ||grad l_t||)
     path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
-    block: int = 512  # longer inputs are streamed through the state in blocks of this many tokens
+    block: int = 1024  # longer inputs are streamed through the state in blocks of this many tokens
     read_chunk: int = 16  # a chunk that is a multiple of it is read in sub-chunks of this size (same result)
     kernel: str = "auto"  # the chunked path's key scan: "native" (compiled, CPU), "torch", or native where usable
 
