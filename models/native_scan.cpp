@@ -137,11 +137,12 @@ struct Scratch {
     std::vector<std::vector<T>> hidden, slope, curve, gd, gz, ga;  // per layer
     std::vector<std::vector<T>> qx, qz, qxw, qxs;  // in a read, per layer: the queries' inputs, pre-activations,
                                                    // and their products with W and S
-    std::vector<const T*> keys, signals;
+    std::vector<const T*> inputs, keys, signals;  // a read's layer inputs (the queries first), the keys' h and d
     std::vector<T> gate, bend, ge, gh, wt, hw, hs, gx_t, proj, scores, gscores, gxw, gxs, gxq, gzq, y;
     Scratch(const Dims& d)
         : hidden(d.depth), slope(d.depth), curve(d.depth), gd(d.depth), gz(d.depth), ga(d.depth), qx(d.depth),
-          qz(d.depth), qxw(d.depth), qxs(d.depth), keys(d.depth), signals(d.depth) {
+          qz(d.depth), qxw(d.depth), qxs(d.depth), inputs(d.depth), keys(d.depth),
+          signals(d.depth) {
         const i64 c = d.c, wide = c * d.max_width(), square = d.max_width() * d.max_width();
         for (i64 l = 0; l < d.depth; ++l) {
             hidden[l].resize(c * d.rows(l));
@@ -165,10 +166,10 @@ template <typename T>
 void read_queries(const Dims& d, Scratch<T>& w, const std::vector<const T*>& state, const std::vector<const T*>& h,
                   const std::vector<const T*>& dd, const T* q, const T* g, const T* bbc, T* y) {
     const i64 L = d.depth, r = d.c / d.subs;
-    std::memcpy(w.qx[0].data(), q, r * d.rows(0) * sizeof(T));
+    w.inputs[0] = q;
     for (i64 l = 0; l < L; ++l) {
         const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-        const T* x = w.qx[l].data();
+        const T* x = w.inputs[l];
         T *z = w.qz[l].data(), *xw = w.qxw[l].data(), *xs = w.qxs[l].data();
         gemm(x, R, 1, state[l], xw, r, R, C, T(1), false);
         gemm(x, R, 1, state[l] + n, xs, r, R, C, T(1), false);
@@ -181,6 +182,7 @@ void read_queries(const Dims& d, Scratch<T>& w, const std::vector<const T*>& sta
         if (l + 1 < L) {
             sigmoid(z, w.gate.data(), r * C);
             for (i64 x2 = 0; x2 < r * C; ++x2) w.qx[l + 1][x2] = z[x2] * w.gate[x2];
+            w.inputs[l + 1] = w.qx[l + 1].data();
         } else {
             std::memcpy(y, z, r * C * sizeof(T));
         }
@@ -234,7 +236,7 @@ struct Reads {
         T* gG = g_G + at * r * r;
         for (i64 l = L - 1; l >= 0; --l) {
             const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-            const T *x = w.qx[l].data(), *xw = w.qxw[l].data(), *xs = w.qxs[l].data();
+            const T *x = w.inputs[l], *xw = w.qxw[l].data(), *xs = w.qxs[l].data();
             const bool first = l == L - 1;  // the first layer visited writes the gradients of G and BBC
             for (i64 t = 0; t < r; ++t) {
                 T gb = 0, gbc = 0;
