@@ -1,9 +1,8 @@
-// The sequential key side of the chunk-parallel memory scan, compiled: the loop of
-// models/neural_memory.py's scan_keys and the reverse loop of KeyScan.backward, with the same math and the
-// same tensor layouts (see there for the derivation). Every (batch, head) pair is an independent recurrence,
-// so the pairs are shared out over threads and each runs its whole chunk loop without a barrier; inside,
-// the matrices are a few dozen wide, small enough that plain loops the compiler vectorises beat a call into
-// a BLAS per product.
+// The chunk loops of the chunk-parallel memory, compiled: models/neural_memory.py's scan_keys, the backward
+// of KeyScan (scan_keys_backward) and read_chunks with its backward, with the same math and the same tensor
+// layouts (see there for the derivation). Every (batch, head) pair is an independent recurrence, so the
+// pairs are shared out over threads and each runs its whole chunk loop without a barrier; inside, the
+// matrices are a few dozen wide, small enough that register-blocked loops beat a call into a BLAS per product.
 //
 // Layouts, all contiguous. Per memory layer l (R = d_l rows, C = d_{l+1} columns, n = R C), for m chunks of
 // c tokens, s sub-chunks of r = c / s tokens each, and P = batch * heads pairs:

@@ -1,10 +1,12 @@
-"""The memory's sequential key scan as compiled code (native_scan.cpp), for CPU tensors.
+"""The memory's chunk loops as compiled code (native_scan.cpp), for CPU tensors: the sequential key scan,
+its reverse pass, and the reads of the queries (fused into the scan when no gradient is needed).
 
 The torch loop in neural_memory.py issues some 10 (forward) and 25 (backward) tiny kernels per chunk; at
 these sizes each costs more in dispatch than in arithmetic, and none can use a second core. The compiled
-loop runs every (batch, head) recurrence to the end on its own thread. It is built on first use with the
-system C++ compiler into a per-user cache (TITANS_BENCH_CACHE, default ~/.cache/titans-bench) and loaded
-with ctypes; without a compiler the torch loop is used, with a warning that says why.
+loops run every (batch, head) recurrence to the end on one of torch's OpenMP threads. They are built on
+first use with the system C++ compiler into a per-user cache (TITANS_BENCH_CACHE, default
+~/.cache/titans-bench) and loaded with ctypes; without a compiler the torch loops are used, with a warning
+that says why.
 """
 
 from __future__ import annotations

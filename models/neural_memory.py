@@ -70,7 +70,7 @@ class MemoryConfig:
     path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
     block: int = 1024  # longer inputs are streamed through the state in blocks of this many tokens
     read_chunk: int = 16  # a chunk that is a multiple of it is read in sub-chunks of this size (same result)
-    kernel: str = "auto"  # the chunked path's key scan: "native" (compiled, CPU), "torch", or native where usable
+    kernel: str = "auto"  # the chunked path's loops: "native" (compiled, CPU), "torch", or native where usable
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -197,8 +197,8 @@ def one_thread():
 
 
 def use_native(kernel: str, *tensors: Tensor) -> bool:
-    """Whether the key scan runs compiled. Under a dispatch mode (FlopCounterMode, fake tensors) the torch
-    loop runs instead, so that the mode sees every product: the compiled loop is invisible to it."""
+    """Whether the scan and the reads run compiled. Under a dispatch mode (FlopCounterMode, fake tensors) the
+    torch loops run instead, so that the mode sees every product: the compiled loops are invisible to it."""
     if kernel == "torch" or _get_current_dispatch_mode() is not None:
         return False
     usable = native_scan.usable(*tensors)
@@ -369,9 +369,8 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
 class KeyScan(torch.autograd.Function):
     """scan_keys with a hand-written backward, a reverse pass over the chunks. Autograd would record dozens
     of small nodes per chunk, and at these sizes its per-node bookkeeping costs more than the arithmetic.
-    What does not flow back into earlier chunks (the gradients of k, v, write and mix) is left to batched
-    products after the loop. Both loops run compiled (native_scan) or as torch kernels, chosen by `kernel`.
-    Checked against autograd through the token loop and by gradcheck."""
+    Both directions run compiled (native_scan) or as torch kernels, chosen by `kernel`. Checked against
+    autograd through the token loop and by gradcheck."""
 
     @staticmethod
     def forward(ctx, depth: int, kernel: str, *tensors: Tensor):

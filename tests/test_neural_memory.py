@@ -281,6 +281,19 @@ def test_compiled_key_scan_leaves_the_callers_subnormal_handling_alone():
     assert (tiny * 1.5).item() > 0
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_nan_reaches_the_outputs_and_gradients_so_divergence_is_seen(kernel):
+    # the compiled loops are built with -ffast-math, which lets a compiler assume there are no NaNs
+    layer = NeuralMemory(32, MemoryConfig(chunk=4, kernel=kernel))
+    x = torch.randn(1, 20, 32)
+    x[0, 5, 3] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(layer(x)[0][0, 8:]).all()
+    x.requires_grad_(True)
+    layer(x)[0].sum().backward()
+    assert torch.isnan(x.grad).any()
+
+
 def test_native_kernel_without_a_compiler_says_what_to_use_instead(monkeypatch):
     monkeypatch.setattr(native_scan, "library", lambda: None)
     with pytest.raises(RuntimeError, match="'auto' or 'torch'"):
