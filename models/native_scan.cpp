@@ -95,9 +95,19 @@ void gemm(const T* __restrict x, i64 rs, i64 cs, const T* __restrict w, T* __res
     }
 }
 
-// out [cols, rows] = in [rows, cols]^T
+// out [cols, rows] = in [rows, cols]^T; compile-time shapes for the common widths let the compiler use
+// vector shuffles instead of one scalar load and store per element
+template <typename T, int R, int C>
+void transpose_fixed(const T* __restrict in, T* __restrict out) {
+    for (int b = 0; b < C; ++b)
+        for (int a = 0; a < R; ++a) out[b * R + a] = in[a * C + b];
+}
+
 template <typename T>
 void transpose(const T* __restrict in, T* __restrict out, i64 rows, i64 cols) {
+    if (rows == 16 && cols == 16) return transpose_fixed<T, 16, 16>(in, out);
+    if (rows == 16 && cols == 32) return transpose_fixed<T, 16, 32>(in, out);
+    if (rows == 32 && cols == 16) return transpose_fixed<T, 32, 16>(in, out);
     for (i64 a = 0; a < rows; ++a)
         for (i64 b = 0; b < cols; ++b) out[b * rows + a] = in[a * cols + b];
 }
