@@ -541,6 +541,123 @@ struct Backward {
     }
 };
 
+// The scalar coefficients of every sub-chunk's recurrences from its gates (neural_memory.chunk_coefficients,
+// the same math), and their backward. Per unit (sub-chunk, pair) of r tokens, with la, lb the cumulative
+// log eta and log keep: F[t, j] = exp(clamp(lb_t - lb_j, -80, 0)) and P[j, i] = exp(clamp(la_j - la_i, -80, 0))
+// on and below the diagonal, G = (F P) o theta, BC_t = sum_j F[t, j] exp(la_j), B_t = exp(lb_t).
+// Layouts: gates [U, r]; G [U, r, r]; BBC [U, r, 2]; mix [U, 2, 2]; write [U, 2, r].
+template <typename T>
+struct Coefficients {
+    i64 r;
+    const T *le, *lk, *th;
+    T *G, *BBC, *mix, *write;                           // forward outputs
+    const T *gG, *gBBC, *gmix, *gwrite;                 // backward: incoming gradients (null in the forward)
+    T *gle, *glk, *gth;                                 // backward outputs
+
+    void run(i64 lo, i64 hi) const {
+        std::vector<T> la(r), lb(r), ea(r), F(r * r), P(r * r), M(r * r), gM(r * r), gla(r), glb(r), gbc(r);
+        for (i64 u = lo; u < hi; ++u) {
+            const T *e = le + u * r, *k = lk + u * r, *t_ = th + u * r;
+            T sa = 0, sb = 0;
+            for (i64 t = 0; t < r; ++t) {
+                la[t] = sa += e[t];
+                lb[t] = sb += k[t];
+                ea[t] = std::exp(la[t]);
+            }
+            for (i64 t = 0; t < r; ++t)
+                for (i64 j = 0; j < r; ++j) {
+                    F[t * r + j] = j <= t ? std::exp(clamp(lb[t] - lb[j])) : T(0);
+                    P[t * r + j] = j <= t ? std::exp(clamp(la[t] - la[j])) : T(0);
+                }
+            for (i64 t = 0; t < r; ++t)  // M = F P, both lower triangular
+                for (i64 i = 0; i <= t; ++i) {
+                    T acc = 0;
+                    for (i64 j = i; j <= t; ++j) acc += F[t * r + j] * P[j * r + i];
+                    M[t * r + i] = acc;
+                }
+            if (!gG) {
+                forward(u, t_, ea, lb, F, P, M);
+            } else {
+                backward(u, t_, la, lb, ea, F, P, M, gM, gla, glb, gbc);
+            }
+        }
+    }
+
+    static T clamp(T x) { return x < T(-80) ? T(-80) : (x > T(0) ? T(0) : x); }
+    static bool inside(T x) { return x >= T(-80) && x <= T(0); }  // where clamp passes the gradient
+
+    void forward(i64 u, const T* t_, const std::vector<T>& ea, const std::vector<T>& lb, const std::vector<T>& F,
+                 const std::vector<T>& P, const std::vector<T>& M) const {
+        T *g = G + u * r * r, *bbc = BBC + u * r * 2, *mx = mix + u * 4, *wr = write + u * 2 * r;
+        for (i64 t = 0; t < r; ++t) {
+            T bc = 0;
+            for (i64 j = 0; j <= t; ++j) bc += F[t * r + j] * ea[j];
+            bbc[2 * t] = std::exp(lb[t]);
+            bbc[2 * t + 1] = bc;
+            for (i64 i = 0; i < r; ++i) g[t * r + i] = i <= t ? M[t * r + i] * t_[i] : T(0);
+        }
+        mx[0] = bbc[2 * (r - 1)];
+        mx[1] = bbc[2 * (r - 1) + 1];
+        mx[2] = 0;
+        mx[3] = ea[r - 1];
+        for (i64 i = 0; i < r; ++i) {
+            wr[i] = g[(r - 1) * r + i];
+            wr[r + i] = P[(r - 1) * r + i] * t_[i];
+        }
+    }
+
+    void backward(i64 u, const T* t_, const std::vector<T>& la, const std::vector<T>& lb, const std::vector<T>& ea,
+                  const std::vector<T>& F, const std::vector<T>& P, const std::vector<T>& M, std::vector<T>& gM,
+                  std::vector<T>& gla, std::vector<T>& glb, std::vector<T>& gbc) const {
+        const T *g_G = gG + u * r * r, *g_bbc = gBBC + u * r * 2, *g_mx = gmix + u * 4, *g_wr = gwrite + u * 2 * r;
+        T* g_th = gth + u * r;
+        const i64 last = r - 1;
+        for (i64 i = 0; i < r; ++i) {  // G = M o theta and write = (G[last], P[last] o theta)
+            T acc = g_wr[i] * M[last * r + i] + g_wr[r + i] * P[last * r + i];
+            for (i64 t = i; t < r; ++t) {
+                acc += g_G[t * r + i] * M[t * r + i];
+                gM[t * r + i] = g_G[t * r + i] * t_[i];
+            }
+            gM[last * r + i] += g_wr[i] * t_[i];
+            g_th[i] = acc;
+        }
+        for (i64 t = 0; t < r; ++t) {  // BBC = (B, BC) and mix = (B_last, BC_last, 0, A_last)
+            const T gb = g_bbc[2 * t] + (t == last ? g_mx[0] : T(0));
+            gbc[t] = g_bbc[2 * t + 1] + (t == last ? g_mx[1] : T(0));
+            glb[t] = gb * std::exp(lb[t]);
+            gla[t] = t == last ? g_mx[3] * ea[last] : T(0);
+        }
+        for (i64 j = 0; j < r; ++j) {  // BC_t = sum_j F[t, j] exp(la_j)
+            T acc = 0;
+            for (i64 t = j; t < r; ++t) acc += F[t * r + j] * gbc[t];
+            gla[j] += acc * ea[j];
+        }
+        for (i64 t = 0; t < r; ++t)  // through F: gF = gM P^T + gbc exp(la)^T, into lb_t - lb_j
+            for (i64 j = 0; j <= t; ++j) {
+                if (!inside(lb[t] - lb[j])) continue;
+                T gf = gbc[t] * ea[j];
+                for (i64 i = 0; i <= j; ++i) gf += gM[t * r + i] * P[j * r + i];
+                const T d = gf * F[t * r + j];
+                glb[t] += d;
+                glb[j] -= d;
+            }
+        for (i64 j = 0; j < r; ++j)  // through P: gP = F^T gM (+ the write's last row), into la_j - la_i
+            for (i64 i = 0; i <= j; ++i) {
+                if (!inside(la[j] - la[i])) continue;
+                T gp = j == last ? g_wr[r + i] * t_[i] : T(0);
+                for (i64 t = j; t < r; ++t) gp += F[t * r + j] * gM[t * r + i];
+                const T d = gp * P[j * r + i];
+                gla[j] += d;
+                gla[i] -= d;
+            }
+        T ra = 0, rb = 0;  // cumulative sums back to the gates
+        for (i64 t = last; t >= 0; --t) {
+            gle[u * r + t] = ra += gla[t];
+            glk[u * r + t] = rb += glb[t];
+        }
+    }
+};
+
 // Flush subnormals to zero while a job runs on this thread: the decay coefficients reach e^-80 by design, and
 // their products with small signals fall below float's normal range, where every operation costs ~100 cycles.
 // Values that small are far below any tolerance here; the thread's previous mode is restored afterwards.
@@ -610,6 +727,23 @@ void over_pairs(const Job& job, i64 pairs, i64 threads) {
                    threads);                                                                                      \
     }
 
+#define TITANS_COEFFICIENT_EXPORTS(T, SUFFIX)                                                                      \
+    extern "C" void coefficients_##SUFFIX(i64 units, i64 r, const T* le, const T* lk, const T* th, T* G, T* BBC,   \
+                                          T* mix, T* write, i64 threads) {                                         \
+        over_pairs(Coefficients<T>{r, le, lk, th, G, BBC, mix, write, nullptr, nullptr, nullptr, nullptr, nullptr, \
+                                   nullptr, nullptr},                                                              \
+                   units, threads);                                                                                \
+    }                                                                                                              \
+    extern "C" void coefficients_backward_##SUFFIX(i64 units, i64 r, const T* le, const T* lk, const T* th,       \
+                                                   const T* gG, const T* gBBC, const T* gmix, const T* gwrite,     \
+                                                   T* gle, T* glk, T* gth, i64 threads) {                          \
+        over_pairs(Coefficients<T>{r, le, lk, th, nullptr, nullptr, nullptr, nullptr, gG, gBBC, gmix, gwrite, gle, \
+                                   glk, gth},                                                                      \
+                   units, threads);                                                                                \
+    }
+
+TITANS_COEFFICIENT_EXPORTS(float, f32)
+TITANS_COEFFICIENT_EXPORTS(double, f64)
 TITANS_READ_EXPORTS(float, f32)
 TITANS_READ_EXPORTS(double, f64)
 TITANS_SCAN_EXPORTS(float, f32)

@@ -190,3 +190,27 @@ def read_backward(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Ten
     library_fn(*_read_args(path, hs, ds, q, G, BBC), _pointer(g_y), *map(_pointer, (g_q, g_G, g_BBC)),
                *(_pointers(x) for x in (g_path, g_hs, g_ds)), ctypes.c_int64(torch.get_num_threads()))
     return g_path, g_hs, g_ds, g_q, g_G, g_BBC
+
+
+def coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
+    """The math of neural_memory.chunk_coefficients for gates [..., r] of one dtype, contiguous."""
+    lead, r = log_eta.shape[:-1], log_eta.shape[-1]
+    out = {"G": log_eta.new_empty(*lead, r, r), "BBC": log_eta.new_empty(*lead, r, 2, 1),
+           "mix": log_eta.new_empty(*lead, 2, 2), "write": log_eta.new_empty(*lead, 2, 1, r)}
+    fn = getattr(library(), f"coefficients_{SUFFIX[log_eta.dtype]}")
+    fn(*_int(log_eta.numel() // r, r), *map(_pointer, (log_eta, log_keep, theta)),
+       *map(_pointer, out.values()), ctypes.c_int64(torch.get_num_threads()))
+    return out
+
+
+def coefficients_backward(log_eta: Tensor, log_keep: Tensor, theta: Tensor,
+                          grads: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `coefficients` with respect to the three gates; `grads` holds contiguous gradients of G,
+    BBC, mix and write."""
+    r = log_eta.shape[-1]
+    g_eta, g_keep, g_theta = (torch.empty_like(t) for t in (log_eta, log_keep, theta))
+    fn = getattr(library(), f"coefficients_backward_{SUFFIX[log_eta.dtype]}")
+    fn(*_int(log_eta.numel() // r, r), *map(_pointer, (log_eta, log_keep, theta)),
+       *(_pointer(grads[name]) for name in ("G", "BBC", "mix", "write")),
+       *map(_pointer, (g_eta, g_keep, g_theta)), ctypes.c_int64(torch.get_num_threads()))
+    return g_eta, g_keep, g_theta

@@ -184,6 +184,31 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict
     }
 
 
+class Coefficients(torch.autograd.Function):
+    """chunk_coefficients compiled (native_scan.coefficients), with a hand-written backward: autograd through
+    the [.., c, c] decay ratios records a dozen nodes over the largest temporaries of the layer."""
+
+    @staticmethod
+    def forward(ctx, log_eta: Tensor, log_keep: Tensor, theta: Tensor):
+        gates = tuple(t.contiguous() for t in (log_eta, log_keep, theta))
+        ctx.save_for_backward(*gates)
+        co = native_scan.coefficients(*gates)
+        return co["G"], co["BBC"], co["mix"], co["write"]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_G: Tensor, g_BBC: Tensor, g_mix: Tensor, g_write: Tensor):
+        grads = {name: g.contiguous() for name, g in zip(("G", "BBC", "mix", "write"), (g_G, g_BBC, g_mix, g_write),
+                                                          strict=True)}
+        return native_scan.coefficients_backward(*ctx.saved_tensors, grads)
+
+
+def coefficients(kernel: str, log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
+    if not use_native(kernel, log_eta, log_keep, theta):
+        return chunk_coefficients(log_eta, log_keep, theta)
+    return dict(zip(("G", "BBC", "mix", "write"), Coefficients.apply(log_eta, log_keep, theta), strict=True))
+
+
 @contextmanager
 def one_thread():
     """For the sequential chunk loops: their kernels are tiny, and handing each to a second thread costs more
@@ -470,7 +495,7 @@ def chunked_scan(
     for i, (size, count) in enumerate(groups):
         continued = (offset + start) % chunk != 0
         subs = size // read_chunk if size > read_chunk and size % read_chunk == 0 else 1
-        co = chunk_coefficients(*(g[i].unflatten(-1, (count * subs, -1)).movedim(2, 0).flatten(1, 2) for g in gates))
+        co = coefficients(kernel, *(g[i].unflatten(-1, (count * subs, -1)).movedim(2, 0).flatten(1, 2) for g in gates))
         kc, vc = (p[i].unflatten(-2, (count, size)).movedim(2, 0).flatten(1, 2) for p in pieces[1:])  # [m, B H, c, dh]
         # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
         anchor = anchor if continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]

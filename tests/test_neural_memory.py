@@ -18,6 +18,7 @@ from models.neural_memory import (
     ShiftedProducts,
     chunk_coefficients,
     chunked_scan,
+    coefficients,
     l2_normalise,
     mlp_backprop,
     mlp_forward,
@@ -256,6 +257,31 @@ def test_compiled_reads_and_their_backward_equal_read_chunks(subs, widths):
     assert rel_err(got, expected) < 1e-12
     for e, a in zip(torch.autograd.grad(expected.sum(), leaves), torch.autograd.grad(got.sum(), leaves), strict=True):
         assert rel_err(a, e) < 1e-12
+
+
+@needs_native
+@pytest.mark.parametrize("regime", ["mild", "strong decay", "momentum off"])
+def test_compiled_gate_coefficients_and_their_backward_equal_chunk_coefficients(regime):
+    # strong decay drives the log ratios past the clamp at -80, where no gradient passes
+    g = torch.Generator().manual_seed(4)
+    scale = 30.0 if regime == "strong decay" else 1.0
+    log_eta = F.logsigmoid(scale * torch.randn(5, 3, 16, generator=g, dtype=torch.float64))
+    if regime == "momentum off":
+        log_eta = torch.full_like(log_eta, NO_MOMENTUM_LOG)
+    log_keep = F.logsigmoid(-2 * scale * torch.randn(5, 3, 16, generator=g, dtype=torch.float64))
+    theta = 0.2 * torch.sigmoid(torch.randn(5, 3, 16, generator=g, dtype=torch.float64))
+    gates = [t.requires_grad_(True) for t in (log_eta, log_keep, theta)]
+    expected = chunk_coefficients(*gates)
+    got = coefficients("native", *gates)
+    probes = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in expected.items()}
+
+    def grads(co):
+        return torch.autograd.grad(sum((co[k] * probes[k]).sum() for k in probes), gates)
+
+    for k in expected:
+        assert rel_err(got[k], expected[k]) < 1e-12, k
+    for e, a in zip(grads(expected), grads(got), strict=True):  # with momentum off, log eta's is exactly 0
+        assert (a - e).abs().max() <= 1e-10 * e.abs().max()
 
 
 @needs_native
