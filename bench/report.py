@@ -39,7 +39,7 @@ def table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
 def setup_section(run_dir: Path, frame: pd.DataFrame) -> str:
     env_path = run_dir / "env.json"
     env = json.loads(env_path.read_text()) if env_path.exists() else {}
-    keys = ["suite", "torch", "python", "cpu", "threads", "device", "gpu", "git_commit", "command"]
+    keys = ["suite", "torch", "python", "cpu", "threads", "device", "gpu", "memory_kernel", "git_commit", "command"]
     lines = [f"- **{k}**: {env[k]}" for k in keys if env.get(k) is not None]
     status = frame.groupby("status").size().to_dict()
     lines.append(f"- **rows**: {len(frame)} in {frame['cell_id'].nunique()} cells; status counts {status}")

@@ -76,6 +76,14 @@ def available() -> bool:
     return library() is not None
 
 
+def describe() -> str:
+    """For a run's env.json: which loops the memory runs on, and built by what; timings differ several-fold."""
+    if not available():
+        return "torch loops (the compiled loops are unavailable)"
+    version = subprocess.run([COMPILER, "--version"], capture_output=True, text=True).stdout.splitlines()
+    return f"compiled ({version[0] if version else COMPILER}; {' '.join(COMPILE_FLAGS)})"
+
+
 def usable(*tensors: Tensor) -> bool:
     """CPU tensors of one supported dtype, and a library that loaded."""
     dtype = tensors[0].dtype

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -51,7 +52,8 @@ def test_train_command_writes_a_tidy_csv_and_env(tmp_path):
     assert code == 0
     frame = pd.read_csv(tmp_path / "r" / "results.csv")
     assert {"train_loss", "exact_match", "token_accuracy"} <= set(frame["metric"])
-    assert (tmp_path / "r" / "env.json").exists()
+    env = json.loads((tmp_path / "r" / "env.json").read_text())
+    assert env["threads"] == 1 and env["memory_kernel"].startswith(("compiled (", "torch loops"))
     assert frame["threads"].eq(1).all() and frame["params"].gt(0).all()
 
 
