@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from models import native_scan
 from models.neural_memory import KERNELS, MemoryConfig, NeuralMemory
 
 
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_peak_gflops()
     print(f"threads {args.threads}, batch {args.batch}, D {args.dim}, heads {args.heads}, depth {args.depth}, "
           f"kernel {args.kernel}, best of {args.repeats}; fp32 matmul peak {peak:.0f} GFLOP/s")
+    if args.kernel != "torch":
+        print(f"memory loops: {native_scan.describe()}")
     impls = {"ours": functools.partial(ours, kernel=args.kernel)} | (
         {"titans-pytorch": titans_pytorch} if args.titans_pytorch else {})
     header = ("impl", "chunk", "n", "fwd tok/s", "fwd+bwd tok/s", "fwd GFLOP", "fwd GFLOP/s", "% peak")
