@@ -1,6 +1,6 @@
-// The chunk loops of the chunk-parallel memory, compiled: models/neural_memory.py's scan_keys, the backward
-// of KeyScan (scan_keys_backward) and read_chunks with its backward, with the same math and the same tensor
-// layouts (see there for the derivation). Every (batch, head) pair is an independent recurrence, so the
+// The chunk loops of the chunk-parallel memory, compiled: models/neural_memory.py's scan_keys with the reads
+// of read_chunks done during the scan, their backward in one reverse pass, and chunk_coefficients with its
+// backward; the same math and the same tensor layouts (see there for the derivation). Every (batch, head) pair is an independent recurrence, so the
 // pairs are shared out over threads and each runs its whole chunk loop without a barrier; inside, the
 // matrices are a few dozen wide, small enough that register-blocked loops beat a call into a BLAS per product.
 //
@@ -198,105 +198,69 @@ void read_queries(const Dims& d, Scratch<T>& w, const std::vector<const T*>& sta
     }
 }
 
-// The reads of all sub-chunks from a recorded path (training), and their backward: every sub-chunk is
-// independent, so there is no sequential dependence here; the backward recomputes each sub-chunk's forward
-// rather than storing it. Layouts: path[l] [m s, P, 2 R, C]; h[l], dd[l] [m, P, c, R or C] (whole chunks);
-// q [m s, P, r, d_0]; G [m s, P, r, r]; BBC [m s, P, r, 2]; y and g_y [m s, P, r, d_L].
+// The backward of read_queries for one sub-chunk, after read_queries has run on it (its x_l, z_l and the
+// products with W and S are in the scratch): z = B_t x W + BC_t x S - (G o x h^T) dd, taken back layer by layer
+// to x (the queries, g_q), to the state (g_state, written), to B and BC (g_bbc [r, 2]), G (g_g [r, r]), and
+// to the keys' h and dd of the sub-chunk (g_h, g_dd, rows written).
 template <typename T>
-struct Reads {
-    const Dims& d;
-    const T* const* path;
-    const T* const* h;
-    const T* const* dd;
-    const T *q, *G, *BBC;
-    T* y;  // forward only
-    const T* g_y;  // backward only: then the rest are outputs
-    T *g_q, *g_G, *g_BBC;
-    T* const* g_path;
-    T* const* g_h;  // [m, P, c, R]
-    T* const* g_dd;  // [m, P, c, C]
-
-    void run(i64 lo, i64 hi) const {
-        const i64 L = d.depth, s = d.subs, r = d.c / s, P = d.pairs;
-        Scratch<T> w(d);
-        std::vector<const T*> state(L), hs(L), ds(L);
-        for (i64 p = lo; p < hi; ++p)
-            for (i64 u = 0; u < d.m * s; ++u) {
-                const i64 at = u * P + p, chunk_row = ((u / s) * P + p) * d.c + (u % s) * r;
-                for (i64 l = 0; l < L; ++l) {
-                    state[l] = path[l] + at * 2 * d.numel(l);
-                    hs[l] = h[l] + chunk_row * d.rows(l);
-                    ds[l] = dd[l] + chunk_row * d.cols(l);
-                }
-                const T *qu = q + at * r * d.rows(0), *g = G + at * r * r, *bbc = BBC + at * r * 2;
-                T* out = g_y ? w.y.data() : y + at * r * d.cols(L - 1);
-                read_queries(d, w, state, hs, ds, qu, g, bbc, out);
-                if (g_y) backward(w, state, hs, ds, g, bbc, at, chunk_row);
+void read_backward(const Dims& d, Scratch<T>& w, const std::vector<const T*>& state, const std::vector<const T*>& hs,
+                   const std::vector<const T*>& ds, const T* g, const T* bbc, const T* g_y, T* g_q, T* g_g, T* g_bbc,
+                   const std::vector<T*>& g_state, const std::vector<T*>& g_h, const std::vector<T*>& g_dd) {
+    const i64 L = d.depth, r = d.c / d.subs;
+    T* gz = w.gzq.data();
+    std::memcpy(gz, g_y, r * d.cols(L - 1) * sizeof(T));
+    for (i64 l = L - 1; l >= 0; --l) {
+        const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
+        const T *x = w.inputs[l], *xw = w.qxw[l].data(), *xs = w.qxs[l].data();
+        const bool first = l == L - 1;  // the first layer visited writes the gradients of G and BBC
+        for (i64 t = 0; t < r; ++t) {
+            T gb = 0, gbc = 0;
+            for (i64 b = 0; b < C; ++b) {
+                gb += gz[t * C + b] * xw[t * C + b];
+                gbc += gz[t * C + b] * xs[t * C + b];
+                w.gxw[t * C + b] = bbc[2 * t] * gz[t * C + b];
+                w.gxs[t * C + b] = bbc[2 * t + 1] * gz[t * C + b];
             }
-    }
-
-    // z = B_t x W + BC_t x S - (G o x h^T) dd, taken back layer by layer to x, W, S, B, BC, G, h and dd
-    void backward(Scratch<T>& w, const std::vector<const T*>& state, const std::vector<const T*>& hs,
-                  const std::vector<const T*>& ds, const T* g, const T* bbc, i64 at, i64 chunk_row) const {
-        const i64 L = d.depth, r = d.c / d.subs;
-        T* gz = w.gzq.data();
-        std::memcpy(gz, g_y + at * r * d.cols(L - 1), r * d.cols(L - 1) * sizeof(T));
-        T* gbbc = g_BBC + at * r * 2;
-        T* gG = g_G + at * r * r;
-        for (i64 l = L - 1; l >= 0; --l) {
-            const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-            const T *x = w.inputs[l], *xw = w.qxw[l].data(), *xs = w.qxs[l].data();
-            const bool first = l == L - 1;  // the first layer visited writes the gradients of G and BBC
-            for (i64 t = 0; t < r; ++t) {
-                T gb = 0, gbc = 0;
-                for (i64 b = 0; b < C; ++b) {
-                    gb += gz[t * C + b] * xw[t * C + b];
-                    gbc += gz[t * C + b] * xs[t * C + b];
-                    w.gxw[t * C + b] = bbc[2 * t] * gz[t * C + b];
-                    w.gxs[t * C + b] = bbc[2 * t + 1] * gz[t * C + b];
-                }
-                gbbc[2 * t] = (first ? T(0) : gbbc[2 * t]) + gb;
-                gbbc[2 * t + 1] = (first ? T(0) : gbbc[2 * t + 1]) + gbc;
-            }
-            T* gp = g_path[l] + at * 2 * n;  // (W; S): x^T g_xw over x^T g_xs
-            gemm(x, 1, R, w.gxw.data(), gp, R, r, C, T(1), false);
-            gemm(x, 1, R, w.gxs.data(), gp + n, R, r, C, T(1), false);
-            T* gx = w.gxq.data();  // g_x = g_xw W^T + g_xs S^T + (g_A o G) h
-            transpose(state[l], w.wt.data(), R, C);
-            gemm(w.gxw.data(), C, 1, w.wt.data(), gx, r, C, R, T(1), false);
-            transpose(state[l] + n, w.wt.data(), R, C);
-            gemm(w.gxs.data(), C, 1, w.wt.data(), gx, r, C, R, T(1), true);
-            // scores S = x h^T and A = G o S; g_A = -g_z dd^T, g_dd = -A^T g_z, g_G = g_A o S
-            transpose(hs[l], w.wt.data(), r, R);
-            gemm(x, R, 1, w.wt.data(), w.scores.data(), r, R, r, T(1), false);
-            transpose(ds[l], w.wt.data(), r, C);
-            gemm(gz, C, 1, w.wt.data(), w.gscores.data(), r, C, r, T(-1), false);  // g_A
-            for (i64 x2 = 0; x2 < r * r; ++x2) {
-                gG[x2] = (first ? T(0) : gG[x2]) + w.gscores[x2] * w.scores[x2];
-                w.scores[x2] *= g[x2];      // A
-                w.gscores[x2] *= g[x2];     // g_S = g_A o G
-            }
-            gemm(w.scores.data(), 1, r, gz, g_dd[l] + chunk_row * C, r, r, C, T(-1), false);
-            gemm(w.gscores.data(), r, 1, hs[l], gx, r, r, R, T(1), true);  // + g_S h
-            gemm(w.gscores.data(), 1, r, x, g_h[l] + chunk_row * R, r, r, R, T(1), false);  // g_h = g_S^T x
-            if (l == 0) {
-                std::memcpy(g_q + at * r * R, gx, r * R * sizeof(T));
-            } else {  // through x_l = silu(z_{l-1})
-                const T* zp = w.qz[l - 1].data();
-                sigmoid(zp, w.gate.data(), r * R);
-                for (i64 x2 = 0; x2 < r * R; ++x2) {
-                    const T sg = w.gate[x2];
-                    gz[x2] = gx[x2] * sg * (1 + zp[x2] * (1 - sg));
-                }
+            g_bbc[2 * t] = (first ? T(0) : g_bbc[2 * t]) + gb;
+            g_bbc[2 * t + 1] = (first ? T(0) : g_bbc[2 * t + 1]) + gbc;
+        }
+        gemm(x, 1, R, w.gxw.data(), g_state[l], R, r, C, T(1), false);  // (W; S): x^T g_xw over x^T g_xs
+        gemm(x, 1, R, w.gxs.data(), g_state[l] + n, R, r, C, T(1), false);
+        T* gx = w.gxq.data();  // g_x = g_xw W^T + g_xs S^T + (g_A o G) h
+        transpose(state[l], w.wt.data(), R, C);
+        gemm(w.gxw.data(), C, 1, w.wt.data(), gx, r, C, R, T(1), false);
+        transpose(state[l] + n, w.wt.data(), R, C);
+        gemm(w.gxs.data(), C, 1, w.wt.data(), gx, r, C, R, T(1), true);
+        // scores x h^T and A = G o scores; g_A = -g_z dd^T, g_dd = -A^T g_z, g_G = g_A o scores
+        transpose(hs[l], w.wt.data(), r, R);
+        gemm(x, R, 1, w.wt.data(), w.scores.data(), r, R, r, T(1), false);
+        transpose(ds[l], w.wt.data(), r, C);
+        gemm(gz, C, 1, w.wt.data(), w.gscores.data(), r, C, r, T(-1), false);  // g_A
+        for (i64 x2 = 0; x2 < r * r; ++x2) {
+            g_g[x2] = (first ? T(0) : g_g[x2]) + w.gscores[x2] * w.scores[x2];
+            w.scores[x2] *= g[x2];   // A
+            w.gscores[x2] *= g[x2];  // g_A o G
+        }
+        gemm(w.scores.data(), 1, r, gz, g_dd[l], r, r, C, T(-1), false);
+        gemm(w.gscores.data(), r, 1, hs[l], gx, r, r, R, T(1), true);  // + (g_A o G) h
+        gemm(w.gscores.data(), 1, r, x, g_h[l], r, r, R, T(1), false);  // g_h = (g_A o G)^T x
+        if (l == 0) {
+            std::memcpy(g_q, gx, r * R * sizeof(T));
+        } else {  // through x_l = silu(z_{l-1})
+            const T* zp = w.qz[l - 1].data();
+            sigmoid(zp, w.gate.data(), r * R);
+            for (i64 x2 = 0; x2 < r * R; ++x2) {
+                const T sg = w.gate[x2];
+                gz[x2] = gx[x2] * sg * (1 + zp[x2] * (1 - sg));
             }
         }
     }
-};
+}
 
-// The forward scan, in one of two modes. Recording (path given): the state before every sub-chunk and the
-// keys' z_l and d_l go to outputs, for the batched reads and the backward pass. Reading (q given): only the
-// running state is kept, each sub-chunk's queries are read from it in place, and the end state is returned;
-// nothing per chunk is stored, which is what inference needs.
+// The forward scan, reading each sub-chunk's queries from the state before it as it goes. Recording (path
+// given, training): the state before every sub-chunk and the keys' z_l and d_l go to outputs for the backward
+// pass. Otherwise (inference) only the running state is kept and the end state is returned: nothing per
+// chunk is stored.
 template <typename T>
 struct Forward {
     const Dims& d;
@@ -306,9 +270,9 @@ struct Forward {
     T* const* path;  // recording: [m s + 1, P, 2 R, C]; else null
     T* const* zs;    // recording: [m, P, c, C] for hidden layers
     T* const* ds;
-    const T *q, *G, *BBC;  // reading: [m s, P, r, d_0], [m s, P, r, r], [m s, P, r, 2]; else null
-    T* y;                  // reading: [m s, P, r, d_L]
-    T* const* end;         // reading: [P, 2 R, C] state after the last sub-chunk
+    const T *q, *G, *BBC;  // [m s, P, r, d_0], [m s, P, r, r], [m s, P, r, 2]
+    T* y;                  // [m s, P, r, d_L]
+    T* const* end;         // not recording: [P, 2 R, C] state after the last sub-chunk
 
     void run(i64 lo, i64 hi) const {
         const i64 L = d.depth, c = d.c, s = d.subs, r = c / s, P = d.pairs;
@@ -344,7 +308,7 @@ struct Forward {
                         before[l] = path ? path[l] + (u * P + p) * size : now[l].data();
                         after[l] = path ? path[l] + ((u + 1) * P + p) * size : next[l].data();
                     }
-                    if (q) read(w, before, h, dl, u, p, j * r);
+                    read(w, before, h, dl, u, p, j * r);
                     // (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d)
                     for (i64 l = 0; l < L; ++l) {
                         const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
@@ -408,24 +372,31 @@ struct Backward {
     const T* const* path;
     const T* const* zs;
     const T* const* ds;
-    const T* const* g_before;  // [m s, P, 2 R, C] gradients at the states before each sub-chunk (the reads')
-    const T* const* g_zs;
-    const T* const* g_ds;
+    const T *q, *G, *BBC, *g_y;  // the reads: [m s, P, r, d_0], [m s, P, r, r], [m s, P, r, 2], [m s, P, r, d_L]
     T* const* g_after;  // [m s, P, 2 R, C] gradient at each sub-chunk's end state; the last must be filled in
     T *g_k, *g_dout;    // [m, P, c, d_0] and [m, P, c, d_L] (the gradient of M(k) - v)
     T *g_write, *g_mix;  // [m s, P, 2, r] and [m s, P, 2, 2], zero-filled
+    T *g_q, *g_G, *g_BBC;  // laid out like q, G and BBC
     T* const* g_states;
     T* const* g_anchor;
 
     void run(i64 lo, i64 hi) const {
         const i64 L = d.depth, c = d.c, s = d.subs, r = c / s, P = d.pairs;
         Scratch<T> w(d);
-        std::vector<const T*> at(L), h(L);
+        // what the chunk's reads send back: to the states before its sub-chunks, to the keys' h and d
+        std::vector<std::vector<T>> read_state(L), read_h(L), read_d(L);
+        for (i64 l = 0; l < L; ++l) {
+            read_state[l].resize(s * 2 * d.numel(l));
+            read_h[l].resize(c * d.rows(l));
+            read_d[l].resize(c * d.cols(l));
+        }
+        std::vector<const T*> at(L), h(L), before(L), hs(L), dd(L);
+        std::vector<T*> g_before(L), g_h(L), g_dd(L);
         for (i64 p = lo; p < hi; ++p)
             for (i64 i = d.m - 1; i >= 0; --i) {
                 const i64 row = i * P + p, first = i * s;
                 auto state = [&](T* const* g, i64 l, i64 u) { return g[l] + (u * P + p) * 2 * d.numel(l); };
-                auto incoming = [&](i64 l, i64 u) { return g_before[l] + (u * P + p) * 2 * d.numel(l); };
+                auto incoming = [&](i64 l, i64 u) { return read_state[l].data() + (u - first) * 2 * d.numel(l); };
                 for (i64 l = 0; l < L; ++l)
                     at[l] = i ? path[l] + (first * P + p) * 2 * d.numel(l) : anchor[l] + p * d.numel(l);
                 h[0] = k + row * c * d.rows(0);
@@ -441,6 +412,23 @@ struct Backward {
                     }
                     h[l + 1] = w.hidden[l + 1].data();
                 }
+                // first the chunk's reads, recomputed sub-chunk by sub-chunk and taken back
+                for (i64 j = 0; j < s; ++j) {
+                    const i64 u = first + j, unit = u * P + p;
+                    for (i64 l = 0; l < L; ++l) {
+                        before[l] = path[l] + unit * 2 * d.numel(l);
+                        hs[l] = h[l] + j * r * d.rows(l);
+                        dd[l] = ds[l] + (row * c + j * r) * d.cols(l);
+                        g_before[l] = read_state[l].data() + j * 2 * d.numel(l);
+                        g_h[l] = read_h[l].data() + j * r * d.rows(l);
+                        g_dd[l] = read_d[l].data() + j * r * d.cols(l);
+                    }
+                    const T *g = G + unit * r * r, *bbc = BBC + unit * r * 2;
+                    read_queries(d, w, before, hs, dd, q + unit * r * d.rows(0), g, bbc, w.y.data());
+                    read_backward(d, w, before, hs, dd, g, bbc, g_y + unit * r * d.cols(L - 1),
+                                  g_q + unit * r * d.rows(0), g_G + unit * r * r, g_BBC + unit * r * 2, g_before, g_h,
+                                  g_dd);
+                }
                 // back through the mixing of all but the chunk's first sub-chunk
                 for (i64 l = 0; l < L; ++l)
                     for (i64 u = first + s - 1; u > first; --u)
@@ -449,7 +437,7 @@ struct Backward {
                 // the writes subtract h_w^T d: the gradient of d
                 for (i64 l = 0; l < L; ++l) {
                     const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-                    std::memcpy(w.gd[l].data(), g_ds[l] + row * c * C, c * C * sizeof(T));
+                    std::memcpy(w.gd[l].data(), read_d[l].data(), c * C * sizeof(T));
                     for (i64 j = 0; j < s; ++j) {
                         const T* gx = state(g_after, l, first + j);
                         scaled_rows(h[l] + j * r * R, write + ((first + j) * P + p) * 2 * r, w.hw.data(), w.hs.data(),
@@ -465,10 +453,10 @@ struct Backward {
                     const T* dn = ds[l + 1] + row * c * cn;
                     transpose(at[l + 1], w.wt.data(), C, cn);
                     gemm(dn, cn, 1, w.wt.data(), w.bend.data(), c, cn, C, T(1), false);
-                    const T* gzs = g_zs[l] + row * cells;
+                    const T* g_read = read_h[l + 1].data();  // the reads' gradient of h_{l+1} = silu(z_l)
                     for (i64 x = 0; x < cells; ++x) {
                         w.ge[x] = w.gd[l][x] * w.slope[l][x];
-                        w.gz[l][x] = gzs[x] + w.gd[l][x] * w.bend[x] * w.curve[l][x];
+                        w.gz[l][x] = g_read[x] * w.slope[l][x] + w.gd[l][x] * w.bend[x] * w.curve[l][x];
                     }
                     gemm(w.ge.data(), C, 1, at[l + 1], w.gd[l + 1].data(), c, C, cn, T(1), true);
                     gemm(w.ge.data(), 1, C, dn, w.ga[l + 1].data(), C, c, cn, T(1), false);
@@ -510,6 +498,8 @@ struct Backward {
                     }
                     if (l)
                         for (i64 x = 0; x < c * R; ++x) w.gz[l - 1][x] += w.gh[x] * w.slope[l - 1][x];
+                    else  // k is also the reads' h_0
+                        for (i64 x = 0; x < c * R; ++x) gh[x] += read_h[0][x];
                 }
                 // the mixing coefficients: g_mix[u] += g_after[u] (W; S) before[u]^T, over the layers
                 for (i64 j = 0; j < s; ++j) {
@@ -699,32 +689,13 @@ void over_pairs(const Job& job, i64 pairs, i64 threads) {
     }                                                                                                             \
     extern "C" void scan_backward_##SUFFIX(                                                                       \
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, const T* const* anchor, const T* k,     \
-        const T* write, const T* mix, const T* const* path, const T* const* zs, const T* const* ds,              \
-        const T* const* g_before, const T* const* g_zs, const T* const* g_ds, T* const* g_after, T* g_k,         \
-        T* g_dout, T* g_write, T* g_mix, T* const* g_states, T* const* g_anchor, i64 threads) {                   \
+        const T* write, const T* mix, const T* const* path, const T* const* zs, const T* const* ds, const T* q,   \
+        const T* G, const T* BBC, const T* g_y, T* const* g_after, T* g_k, T* g_dout, T* g_write, T* g_mix,      \
+        T* g_q, T* g_G, T* g_BBC, T* const* g_states, T* const* g_anchor, i64 threads) {                         \
         const Dims d{depth, m, subs, pairs, c, widths};                                                           \
-        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, g_before, g_zs, g_ds, g_after, g_k,      \
-                               g_dout, g_write, g_mix, g_states, g_anchor},                                      \
+        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, q, G, BBC, g_y, g_after, g_k, g_dout,     \
+                               g_write, g_mix, g_q, g_G, g_BBC, g_states, g_anchor},                             \
                    pairs, threads);                                                                               \
-    }
-
-#define TITANS_READ_EXPORTS(T, SUFFIX)                                                                             \
-    extern "C" void read_forward_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,        \
-                                          const T* const* path, const T* const* h, const T* const* dd,            \
-                                          const T* q, const T* G, const T* BBC, T* y, i64 threads) {              \
-        const Dims d{depth, m, subs, pairs, c, widths};                                                           \
-        over_pairs(Reads<T>{d, path, h, dd, q, G, BBC, y, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,   \
-                            nullptr},                                                                             \
-                   pairs, threads);                                                                               \
-    }                                                                                                             \
-    extern "C" void read_backward_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,       \
-                                           const T* const* path, const T* const* h, const T* const* dd,           \
-                                           const T* q, const T* G, const T* BBC, const T* g_y, T* g_q, T* g_G,    \
-                                           T* g_BBC, T* const* g_path, T* const* g_h, T* const* g_dd,             \
-                                           i64 threads) {                                                         \
-        const Dims d{depth, m, subs, pairs, c, widths};                                                           \
-        over_pairs(Reads<T>{d, path, h, dd, q, G, BBC, nullptr, g_y, g_q, g_G, g_BBC, g_path, g_h, g_dd}, pairs,  \
-                   threads);                                                                                      \
     }
 
 #define TITANS_COEFFICIENT_EXPORTS(T, SUFFIX)                                                                      \
@@ -744,7 +715,6 @@ void over_pairs(const Job& job, i64 pairs, i64 threads) {
 
 TITANS_COEFFICIENT_EXPORTS(float, f32)
 TITANS_COEFFICIENT_EXPORTS(double, f64)
-TITANS_READ_EXPORTS(float, f32)
-TITANS_READ_EXPORTS(double, f64)
+
 TITANS_SCAN_EXPORTS(float, f32)
 TITANS_SCAN_EXPORTS(double, f64)

@@ -1,5 +1,5 @@
-"""The memory's chunk loops as compiled code (native_scan.cpp), for CPU tensors: the sequential key scan,
-its reverse pass, and the reads of the queries (fused into the scan when no gradient is needed).
+"""The memory's chunk loops as compiled code (native_scan.cpp), for CPU tensors: the sequential key scan with
+the queries read during it, one reverse pass for the backward of both, and the gate coefficients.
 
 The torch loop in neural_memory.py issues some 10 (forward) and 25 (backward) tiny kernels per chunk; at
 these sizes each costs more in dispatch than in arithmetic, and none can use a second core. The compiled
@@ -110,94 +110,68 @@ def _int(*values: int) -> list[ctypes.c_int64]:
 
 
 def _forward(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
-             recording: tuple[list[Tensor], ...] | None, reading: tuple | None) -> None:
-    """Recording: (path, zs, ds) to fill. Reading: (q, G, BBC, y, end), y and end to fill. The mode the
-    compiled loop runs in is the one whose pointers are not null."""
+             q: Tensor, G: Tensor, BBC: Tensor, y: Tensor, recording: tuple[list[Tensor], ...] | None,
+             end: list[Tensor] | None) -> None:
+    """Recording: (path, zs, ds) to fill; else `end` to fill. The reads go to y either way."""
     anchor, states = [t.contiguous() for t in anchor], [t.contiguous() for t in states]
     path, zs, ds = (_pointers(x) for x in recording) if recording else (None, None, None)
-    q, g, bbc, y, end = reading or (None, None, None, None, None)
     dims, widths = _shape(states, k, write)
     fn = getattr(library(), f"scan_forward_{SUFFIX[k.dtype]}")
     fn(*_int(*dims), widths, _pointers(states), _pointers(anchor), *map(_pointer, (k, v, write, mix)), path, zs, ds,
-       *map(_pointer, (q, g, bbc, y)), _pointers(end) if end else None, ctypes.c_int64(torch.get_num_threads()))
+       *map(_pointer, (q, G, BBC, y)), _pointers(end) if end else None, ctypes.c_int64(torch.get_num_threads()))
 
 
-def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor,
-              mix: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """The same contract as neural_memory.scan_keys: records every sub-chunk's start state and the keys' z, d."""
-    k, v, write, mix = (t.contiguous() for t in (k, v, write, mix))
+def scan_and_read(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
+                  q: Tensor, G: Tensor, BBC: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Inference: neural_memory.scan_keys with every sub-chunk's queries read from the running state as it
+    goes (the math of read_chunks), so that no state per sub-chunk is stored. q [m s, B H, r, d_0], G and BBC
+    the sub-chunks' coefficients. Returns the reads [m s, B H, r, d_L] and the end states."""
+    k, v, write, mix, q, G, BBC = (t.contiguous() for t in (k, v, write, mix, q, G, BBC))
+    y = q.new_empty(*q.shape[:-1], states[-1].shape[-1])
+    end = [torch.empty_like(s) for s in states]
+    _forward(states, anchor, k, v, write, mix, q, G, BBC, y, None, end)
+    return y, end
+
+
+def scan_and_read_recorded(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor,
+                           mix: Tensor, q: Tensor, G: Tensor, BBC: Tensor) -> tuple[Tensor, list[Tensor], ...]:
+    """Training: scan_and_read that also records what the backward needs, as neural_memory.scan_keys does:
+    the states before every sub-chunk and after the last, and the keys' z_l and d_l. Returns y, path, zs, ds."""
+    k, v, write, mix, q, G, BBC = (t.contiguous() for t in (k, v, write, mix, q, G, BBC))
     m, pairs, c, _ = k.shape
     subs = write.shape[0] // m
     path = [s.new_empty(m * subs + 1, *s.shape) for s in states]
     zs = [k.new_empty(m, pairs, c, s.shape[-1]) for s in states[:-1]]
     ds = [k.new_empty(m, pairs, c, s.shape[-1]) for s in states]
-    _forward(states, anchor, k, v, write, mix, (path, zs, ds), None)
-    return path, zs, ds
-
-
-def scan_and_read(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
-                  q: Tensor, G: Tensor, BBC: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Inference: the key scan with every sub-chunk's queries read from the running state as it goes (the
-    math of neural_memory.read_chunks), so that no state per sub-chunk is stored. q [m s, B H, r, d_0], G and
-    BBC the sub-chunks' coefficients. Returns the reads [m s, B H, r, d_L] and the end states."""
-    k, v, write, mix, q, G, BBC = (t.contiguous() for t in (k, v, write, mix, q, G, BBC))
     y = q.new_empty(*q.shape[:-1], states[-1].shape[-1])
-    end = [torch.empty_like(s) for s in states]
-    _forward(states, anchor, k, v, write, mix, None, (q, G, BBC, y, end))
-    return y, end
+    _forward(states, anchor, k, v, write, mix, q, G, BBC, y, (path, zs, ds), None)
+    return y, path, zs, ds
 
 
-def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
-                       zs: list[Tensor], ds: list[Tensor], g_before: list[Tensor], g_end: list[Tensor],
-                       g_zs: list[Tensor], g_ds: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, ...]:
-    """The same contract as neural_memory.scan_keys_backward; everything, the gradients of k, v, the write
-    scales and the mixing included, is computed inside the reverse loop."""
-    anchor, g_before, g_zs, g_ds = ([t.contiguous() for t in ts] for ts in (anchor, g_before, g_zs, g_ds))
-    k, write, mix = (t.contiguous() for t in (k, write, mix))
+def scan_and_read_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
+                           zs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor, g_y: Tensor,
+                           g_end: list[Tensor]) -> tuple:
+    """The backward of scan_and_read_recorded, chunk by chunk in reverse: each chunk's reads are recomputed
+    and taken back first, then the chunk's writes and keys. Returns the gradients of the start states, the
+    first anchor, k, v, write, mix, q, G and BBC."""
+    anchor = [t.contiguous() for t in anchor]
+    k, write, mix, q, G, BBC = (t.contiguous() for t in (k, write, mix, q, G, BBC))
+    g_y = g_y.contiguous()  # held in a name: a temporary's memory could be freed before the call reads it
     dims, widths = _shape(path, k, write)
     g_after = [torch.empty_like(p[:-1]) for p in path]  # the gradient at every sub-chunk's end state
     for g, ge in zip(g_after, g_end, strict=True):
         g[-1] = ge
     g_k, g_dout = torch.empty_like(k), torch.empty_like(ds[-1])
     g_write, g_mix = torch.zeros_like(write), torch.zeros_like(mix)
+    g_q, g_G, g_BBC = torch.empty_like(q), torch.empty_like(G), torch.empty_like(BBC)
     g_states = [torch.empty_like(p[0]) for p in path]
     g_anchor = [torch.empty_like(a) for a in anchor]
     fn = getattr(library(), f"scan_backward_{SUFFIX[k.dtype]}")
-    fn(*_int(*dims), widths, _pointers(anchor), *map(_pointer, (k, write, mix)),
-       *(_pointers(x) for x in (path, zs, ds, g_before, g_zs, g_ds, g_after)),
-       *map(_pointer, (g_k, g_dout, g_write, g_mix)), _pointers(g_states), _pointers(g_anchor),
+    fn(*_int(*dims), widths, _pointers(anchor), *map(_pointer, (k, write, mix)), *map(_pointers, (path, zs, ds)),
+       *map(_pointer, (q, G, BBC, g_y)), _pointers(g_after), *map(_pointer, (g_k, g_dout, g_write, g_mix)),
+       *map(_pointer, (g_q, g_G, g_BBC)), _pointers(g_states), _pointers(g_anchor),
        ctypes.c_int64(torch.get_num_threads()))
-    return g_states, g_anchor, g_k, -g_dout, g_write, g_mix
-
-
-def _read_args(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor) -> list:
-    m, pairs, c, _ = hs[0].shape
-    widths = [h.shape[-1] for h in hs] + [ds[-1].shape[-1]]
-    dims = [len(path), m, q.shape[0] // m, pairs, c]
-    return [*_int(*dims), (ctypes.c_int64 * len(widths))(*widths), *(_pointers(x) for x in (path, hs, ds)),
-            *map(_pointer, (q, G, BBC))]
-
-
-def read(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor) -> Tensor:
-    """The math of neural_memory.read_chunks, with the keys' layer inputs hs and signals ds per whole chunk
-    ([m, B H, c, .]) and everything else per sub-chunk. All inputs contiguous."""
-    y = q.new_empty(*q.shape[:-1], ds[-1].shape[-1])
-    library_fn = getattr(library(), f"read_forward_{SUFFIX[q.dtype]}")
-    library_fn(*_read_args(path, hs, ds, q, G, BBC), _pointer(y), ctypes.c_int64(torch.get_num_threads()))
-    return y
-
-
-def read_backward(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor,
-                  g_y: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor, Tensor, Tensor]:
-    """Gradients of `read` with respect to path, hs, ds, q, G and BBC; each sub-chunk's forward is recomputed."""
-    g_y = g_y.contiguous()  # held in a name: a temporary's memory could be freed before the call reads it
-    g_path = [torch.empty_like(p) for p in path]
-    g_hs, g_ds = [torch.empty_like(h) for h in hs], [torch.empty_like(d) for d in ds]
-    g_q, g_G, g_BBC = torch.empty_like(q), torch.empty_like(G), torch.empty_like(BBC)
-    library_fn = getattr(library(), f"read_backward_{SUFFIX[q.dtype]}")
-    library_fn(*_read_args(path, hs, ds, q, G, BBC), _pointer(g_y), *map(_pointer, (g_q, g_G, g_BBC)),
-               *(_pointers(x) for x in (g_path, g_hs, g_ds)), ctypes.c_int64(torch.get_num_threads()))
-    return g_path, g_hs, g_ds, g_q, g_G, g_BBC
+    return g_states, g_anchor, g_k, -g_dout, g_write, g_mix, g_q, g_G, g_BBC
 
 
 def coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:

@@ -21,9 +21,10 @@ Two paths compute the same thing:
   momentum decays fast within a chunk). No per-token weight tensor is ever built: cost O(b^2 d + b d h)
   per chunk, linear in n. Only the key side (each chunk's gradients at the weights the previous chunk
   left) runs chunk by chunk, with a hand-written backward that replays it in reverse (`KeyScan`); the
-  query reads of all chunks then run as batched matmuls (`read_chunks`, or `Read`). On CPU both run as
-  compiled loops (native_scan.cpp, `kernel` in MemoryConfig), which also read the queries during the scan
-  when no gradient is needed; the torch versions stay as the GPU path and as the tested reference. A
+  query reads of all chunks then run as batched matmuls (`read_chunks`). On CPU compiled loops
+  (native_scan.cpp, `kernel` in MemoryConfig) do both in one pass, reading each sub-chunk's queries during
+  the scan, and in training take each chunk's reads and keys back in one reverse pass (`ScanRead`); the
+  torch versions stay as the GPU path and as the tested reference. A
   chunk that is a multiple of `read_chunk` is read in sub-chunks that share its anchor (the same
   coefficients at a finer grain: the c x c work shrinks, the result does not change), and long inputs are
   streamed through the state in blocks so that temporaries stay cache-sized.
@@ -394,19 +395,15 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
 class KeyScan(torch.autograd.Function):
     """scan_keys with a hand-written backward, a reverse pass over the chunks. Autograd would record dozens
     of small nodes per chunk, and at these sizes its per-node bookkeeping costs more than the arithmetic.
-    Both directions run compiled (native_scan) or as torch kernels, chosen by `kernel`. Checked against
-    autograd through the token loop and by gradcheck."""
+    The torch loops (the GPU path and the reference of the compiled ones); checked against autograd through
+    the token loop and by gradcheck."""
 
     @staticmethod
-    def forward(ctx, depth: int, kernel: str, *tensors: Tensor):
+    def forward(ctx, depth: int, *tensors: Tensor):
         states, anchor = list(tensors[:depth]), list(tensors[depth : 2 * depth])
         k, v, write, mix = tensors[2 * depth :]
-        ctx.native = use_native(kernel, *tensors)
-        if ctx.native:
-            path, zs, ds = native_scan.scan_keys(states, anchor, k, v, write, mix)
-        else:
-            with one_thread():
-                path, zs, ds = scan_keys(states, anchor, k, v, write, mix)
+        with one_thread():
+            path, zs, ds = scan_keys(states, anchor, k, v, write, mix)
         ctx.depth = depth
         ctx.save_for_backward(*anchor, k, write, mix, *path, *zs, *ds)
         # the states before each sub-chunk and the end state as two outputs: a slice of one output would make
@@ -422,34 +419,35 @@ class KeyScan(torch.autograd.Function):
                                           saved[3 * depth + 2 :]))
         g_before, g_end = list(grads[:depth]), list(grads[depth : 2 * depth])
         g_zs, g_ds = list(grads[2 * depth : 3 * depth - 1]), list(grads[3 * depth - 1 :])
-        backward = native_scan.scan_keys_backward if ctx.native else scan_keys_backward
-        g_states, g_anchor, g_k, g_v, g_write, g_mix = backward(anchor, k, write, mix, path, zs, ds, g_before, g_end,
-                                                                g_zs, g_ds)
-        return (None, None, *g_states, *g_anchor, g_k, g_v, g_write, g_mix)
+        g_states, g_anchor, *rest = scan_keys_backward(anchor, k, write, mix, path, zs, ds, g_before, g_end, g_zs, g_ds)
+        return (None, *g_states, *g_anchor, *rest)
 
 
-class Read(torch.autograd.Function):
-    """read_chunks compiled (native_scan.read), with a hand-written backward that recomputes each sub-chunk's
-    forward. Keys' layer inputs hs and signals ds come per whole chunk [m, B H, c, .], the rest per sub-chunk."""
+class ScanRead(torch.autograd.Function):
+    """The compiled loops in training (native_scan): the key scan with each sub-chunk's reads done as it goes,
+    recording the states and the keys' z, d; the backward takes each chunk's reads back (recomputed) and
+    then its writes and keys, in one reverse pass. Returns the reads and the end states. The same math as
+    KeyScan followed by read_chunks, and tested against them."""
 
     @staticmethod
-    def forward(ctx, depth: int, *tensors: Tensor) -> Tensor:
-        tensors = tuple(t.contiguous() for t in tensors)
+    def forward(ctx, depth: int, *tensors: Tensor):
+        states, anchor = list(tensors[:depth]), list(tensors[depth : 2 * depth])
+        k, v, write, mix, q, G, BBC = tensors[2 * depth :]
+        y, path, zs, ds = native_scan.scan_and_read_recorded(states, anchor, k, v, write, mix, q, G, BBC)
         ctx.depth = depth
-        ctx.save_for_backward(*tensors)
-        return native_scan.read(*split_read_args(depth, tensors))
+        ctx.save_for_backward(*anchor, k, write, mix, q, G, BBC, *path, *zs, *ds)
+        return (y, *(p[-1] for p in path))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_y: Tensor):
-        g_path, g_hs, g_ds, g_q, g_G, g_BBC = native_scan.read_backward(*split_read_args(ctx.depth, ctx.saved_tensors),
-                                                                          g_y)
-        return (None, *g_path, *g_hs, *g_ds, g_q, g_G, g_BBC)
-
-
-def split_read_args(depth: int, tensors: tuple[Tensor, ...]) -> tuple:
-    path, hs, ds = (list(tensors[i * depth : (i + 1) * depth]) for i in range(3))
-    return (path, hs, ds, *tensors[3 * depth :])
+    def backward(ctx, g_y: Tensor, *g_end: Tensor):
+        depth, saved = ctx.depth, ctx.saved_tensors
+        anchor, (k, write, mix, q, G, BBC) = list(saved[:depth]), saved[depth : depth + 6]
+        path, zs, ds = (list(x) for x in (saved[depth + 6 : 2 * depth + 6], saved[2 * depth + 6 : 3 * depth + 5],
+                                          saved[3 * depth + 5 :]))
+        g_states, g_anchor, *rest = native_scan.scan_and_read_backward(anchor, k, write, mix, path, zs, ds, q, G,
+                                                                       BBC, g_y, list(g_end))
+        return (None, *g_states, *g_anchor, *rest)
 
 
 def read_chunks(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, co: dict[str, Tensor]) -> Tensor:
@@ -501,19 +499,17 @@ def chunked_scan(
         anchor = anchor if continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]
         qc = pieces[0][i].unflatten(-2, (count * subs, -1)).movedim(2, 0).flatten(1, 2)  # [m s, B H, r, dh]
         keys = (*states, *anchor, kc, vc, co["write"], co["mix"])
-        if inference and use_native(kernel, *keys, qc, co["G"], co["BBC"]):  # reads as it scans, stores no path
+        if not use_native(kernel, *keys, qc, co["G"], co["BBC"]):
+            out = KeyScan.apply(depth, *keys)
+            path, states = out[:depth], out[depth : 2 * depth]
+            zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
+            hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
+            y = read_chunks(path, hs, ds, qc, co)
+        elif inference:  # reads as it scans and stores no path
             y, states = native_scan.scan_and_read(states, anchor, kc, vc, co["write"], co["mix"], qc, co["G"],
                                                   co["BBC"])
         else:
-            out = KeyScan.apply(depth, kernel, *keys)
-            path, states = out[:depth], out[depth : 2 * depth]
-            zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
-            hs = [kc, *map(F.silu, zs)]
-            if use_native(kernel, *path, *hs, *ds, qc, co["G"], co["BBC"]):
-                y = Read.apply(depth, *path, *hs, *ds, qc, co["G"], co["BBC"])
-            else:
-                hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in (hs, ds))
-                y = read_chunks(path, hs, ds, qc, co)
+            y, *states = ScanRead.apply(depth, *keys, qc, co["G"], co["BBC"])
         ys.append(y.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3))
         start += size * count
     weights, momentum = ([s[:, r:] if part else s[:, :r] for s, r in zip(states, rows, strict=True)] for part in (0, 1))

@@ -14,7 +14,7 @@ from models.neural_memory import (
     KeyScan,
     MemoryConfig,
     NeuralMemory,
-    Read,
+    ScanRead,
     ShiftedProducts,
     chunk_coefficients,
     chunked_scan,
@@ -24,8 +24,6 @@ from models.neural_memory import (
     mlp_forward,
     read_chunks,
     reference_scan,
-    scan_keys,
-    scan_keys_backward,
     to_subchunks,
     use_native,
 )
@@ -191,72 +189,65 @@ def test_chunk_loops_leave_the_thread_count_as_they_found_it():
         layer(torch.randn(1, 20, 32, dtype=torch.float64, requires_grad=True))[0].sum().backward()
         assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError), torch.no_grad():  # an error inside the loop restores it too
-            KeyScan.apply(1, "torch", torch.zeros(1, 4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 1, 4, 5),
+            KeyScan.apply(1, torch.zeros(1, 4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 1, 4, 5),
                           torch.zeros(1, 1, 4, 3), torch.zeros(1, 1, 2, 1, 4), torch.zeros(1, 1, 2, 2))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
 
-def key_scan_case(dtype, pairs=6, chunks=3, c=8, subs=2, widths=(8, 16, 32, 8), seed=0):
-    """Inputs of scan_keys and probes for its outputs, on widths the compiled loop has fixed-size products for
-    (8, 16, 32) and one it does not (12 is not among them when widths change), in `dtype`."""
+def scan_case(dtype, pairs=6, chunks=3, c=8, subs=2, widths=(8, 16, 32, 8), seed=0):
+    """Inputs of the key scan and the reads, on widths the compiled loops have fixed-size products for (8, 16,
+    32) or not (6, 12), in `dtype`: states, anchor, k, v, write, mix, q, G, BBC."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
 
+    r = c // subs
     states = [rnd(pairs, 2 * a, b, scale=a**-0.5) for a, b in zip(widths, widths[1:], strict=False)]
     anchor = [s[:, : s.shape[1] // 2] + rnd(*s[:, : s.shape[1] // 2].shape, scale=0.1) for s in states]
     k, v = l2_normalise(rnd(chunks, pairs, c, widths[0])), rnd(chunks, pairs, c, widths[-1])
-    write = rnd(chunks * subs, pairs, 2, 1, c // subs, scale=0.05)
+    write = rnd(chunks * subs, pairs, 2, 1, r, scale=0.05)
     mix = torch.tensor([[0.9, 0.3], [0.0, 0.8]], dtype=dtype) + rnd(chunks * subs, pairs, 2, 2, scale=0.01)
-    return states, anchor, k, v, write, mix
+    q = l2_normalise(rnd(chunks * subs, pairs, r, widths[0]))
+    G, BBC = rnd(chunks * subs, pairs, r, r, scale=0.1).tril(), 1 + rnd(chunks * subs, pairs, r, 2, 1, scale=0.1)
+    return states, anchor, k, v, write, mix, q, G, BBC
+
+
+def torch_scan_and_read(depth, *tensors):
+    """The torch loops' composition that ScanRead computes in one pass: the reads and the end states."""
+    out = KeyScan.apply(depth, *tensors[: 2 * depth + 4])
+    path, end = out[:depth], out[depth : 2 * depth]
+    zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
+    subs = tensors[-3].shape[0] // tensors[2 * depth].shape[0]
+    hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([tensors[2 * depth], *map(F.silu, zs)], ds))
+    return (read_chunks(path, hs, ds, tensors[-3], {"G": tensors[-2], "BBC": tensors[-1]}), *end)
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("widths", [(8, 16, 32, 8), (6, 12, 6), (16, 16)])
-def test_compiled_key_scan_equals_the_torch_loop_forward_and_backward(dtype, widths):
-    states, anchor, k, v, write, mix = key_scan_case(dtype, widths=widths)
-    expected, got = scan_keys(states, anchor, k, v, write, mix), native_scan.scan_keys(states, anchor, k, v, write, mix)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5  # relative to each tensor's largest entry
-    for e, a in zip(itertools.chain(*expected), itertools.chain(*got), strict=True):
-        assert torch.isfinite(e).all() and rel_err(a, e) < tol
-    path, zs, ds = expected
+@pytest.mark.parametrize("subs,widths", [(2, (8, 16, 32, 8)), (1, (6, 12, 6)), (4, (16, 16))])
+def test_compiled_scan_and_reads_equal_the_torch_loops_forward_and_backward(dtype, subs, widths):
+    # the loss sums the reads, so their upstream gradient is a broadcast tensor with zero strides
+    case = scan_case(dtype, c=8 if subs < 4 else 16, subs=subs, widths=widths)
+    depth, tol = len(widths) - 1, 1e-12 if dtype == torch.float64 else 1e-5  # relative to each largest entry
     g = torch.Generator().manual_seed(1)
-    g_before, g_end, g_zs, g_ds = ([torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in ts]
-                                   for ts in ([p[:-1] for p in path], [p[-1] for p in path], zs, ds))
-    args = (anchor, k, write, mix, path, zs, ds, g_before, g_end, g_zs, g_ds)
-    expected, got = scan_keys_backward(*args), native_scan.scan_keys_backward(*args)
-    for e, a in zip(itertools.chain(*expected), itertools.chain(*got), strict=True):
+    probes = None
+
+    def run(fn):
+        nonlocal probes
+        leaves = [t.clone().requires_grad_(True) for t in itertools.chain(*case[:2], case[2:])]
+        outs = fn(depth, *leaves)
+        probes = probes or [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype) for o in outs[1:]]
+        loss = outs[0].sum() + sum((o * p).sum() for o, p in zip(outs[1:], probes, strict=True))
+        return outs, torch.autograd.grad(loss, leaves)
+
+    (expected, expected_grads), (got, got_grads) = run(torch_scan_and_read), run(ScanRead.apply)
+    for e, a in zip((*expected, *expected_grads), (*got, *got_grads), strict=True):
         assert torch.isfinite(e).all() and rel_err(a, e) < tol
-
-
-@needs_native
-@pytest.mark.parametrize("subs,widths", [(1, (8, 8)), (2, (8, 16, 32, 8)), (4, (6, 12, 6))])
-def test_compiled_reads_and_their_backward_equal_read_chunks(subs, widths):
-    # the upstream gradient of a sum is a broadcast tensor with zero strides, as in training
-    depth, m, pairs, c = len(widths) - 1, 3, 5, 16
-    g = torch.Generator().manual_seed(2)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    path = [rnd(m * subs, pairs, 2 * a, b) / a for a, b in zip(widths, widths[1:], strict=False)]
-    hs, ds = [rnd(m, pairs, c, a) for a in widths[:-1]], [rnd(m, pairs, c, b) for b in widths[1:]]
-    q, G, BBC = rnd(m * subs, pairs, c // subs, widths[0]), rnd(m * subs, pairs, c // subs, c // subs), rnd(
-        m * subs, pairs, c // subs, 2, 1)
-    leaves = [t.requires_grad_(True) for t in (*path, *hs, *ds, q, G, BBC)]
-
-    def torch_read(*t):
-        split = [to_subchunks(x, subs).flatten(0, 1) for x in t[depth : 3 * depth]]
-        return read_chunks(list(t[:depth]), split[:depth], split[depth:], t[-3], {"G": t[-2], "BBC": t[-1]})
-
-    expected, got = torch_read(*leaves), Read.apply(depth, *leaves)
-    assert rel_err(got, expected) < 1e-12
-    for e, a in zip(torch.autograd.grad(expected.sum(), leaves), torch.autograd.grad(got.sum(), leaves), strict=True):
-        assert rel_err(a, e) < 1e-12
+    y, end = native_scan.scan_and_read(*case)  # inference: the same reads without recording
+    assert rel_err(y, expected[0]) < tol and all(rel_err(a, e) < tol for a, e in zip(end, expected[1:], strict=True))
 
 
 @needs_native
@@ -285,24 +276,28 @@ def test_compiled_gate_coefficients_and_their_backward_equal_chunk_coefficients(
 
 
 @needs_native
-def test_compiled_key_scan_gives_the_same_bits_on_any_number_of_threads():
+def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
     # six (batch, head) pairs over 1, 4 and 6 threads: uneven shares, every pair computed exactly once
-    case = key_scan_case(torch.float64)
+    case = scan_case(torch.float64)
+    states, anchor, k, v, write, mix, q, G, BBC = case
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 4, 6):
             torch.set_num_threads(n)
-            path, zs, ds = native_scan.scan_keys(*case)
-            results.append(torch.cat([t.flatten() for t in (*path, *zs, *ds)]))
+            y, path, zs, ds = native_scan.scan_and_read_recorded(*case)
+            grads = native_scan.scan_and_read_backward(anchor, k, write, mix, path, zs, ds, q, G, BBC,
+                                                       torch.ones_like(y), [p[-1] for p in path])
+            flat = [y, *path, *zs, *ds, *itertools.chain(*(g if isinstance(g, list) else [g] for g in grads))]
+            results.append(torch.cat([t.flatten() for t in flat]))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
 @needs_native
-def test_compiled_key_scan_leaves_the_callers_subnormal_handling_alone():
-    native_scan.scan_keys(*key_scan_case(torch.float32))  # flushes subnormals inside, on its own threads only
+def test_compiled_loops_leave_the_callers_subnormal_handling_alone():
+    native_scan.scan_and_read(*scan_case(torch.float32))  # flushes subnormals inside, on its own threads only
     tiny = torch.tensor([1e-39], dtype=torch.float32)
     assert (tiny * 1.5).item() > 0
 
