@@ -128,16 +128,35 @@ void sigmoid(const T* __restrict z, T* __restrict out, i64 count) {
     for (i64 x = 0; x < count; ++x) out[x] = T(1) / (T(1) + std::exp(-z[x]));
 }
 
-// (W, S) -> mix (W, S), or with the mix transposed (the gradient's way back), plus `add` when given
+// (W, S) -> mix (W, S)
 template <typename T>
-void mix_state(const T* __restrict mx, const T* __restrict in, const T* __restrict add, T* __restrict out, i64 n,
-               bool transposed) {
-    const T m00 = mx[0], m01 = transposed ? mx[2] : mx[1], m10 = transposed ? mx[1] : mx[2], m11 = mx[3];
+void mix_state(const T* __restrict mx, const T* __restrict in, T* __restrict out, i64 n) {
     for (i64 x = 0; x < n; ++x) {
         const T w = in[x], s = in[n + x];
-        out[x] = (add ? add[x] : T(0)) + m00 * w + m01 * s;
-        out[n + x] = (add ? add[n + x] : T(0)) + m10 * w + m11 * s;
+        out[x] = mx[0] * w + mx[1] * s;
+        out[n + x] = mx[2] * w + mx[3] * s;
     }
+}
+
+// The way back through mix_state: g_before = add + mix^T g_after. In the same pass over g_after, the gradient
+// of the mix itself, g_mix += g_after (W; S)^T with (W; S) the state the mix was applied to.
+template <typename T>
+void unmix_state(const T* __restrict mx, const T* __restrict g_after, const T* __restrict add,
+                 const T* __restrict state, T* __restrict g_before, T* __restrict g_mix, i64 n) {
+    T g00 = 0, g01 = 0, g10 = 0, g11 = 0;
+    for (i64 x = 0; x < n; ++x) {
+        const T gw = g_after[x], gs = g_after[n + x], w = state[x], s = state[n + x];
+        g_before[x] = add[x] + mx[0] * gw + mx[2] * gs;
+        g_before[n + x] = add[n + x] + mx[1] * gw + mx[3] * gs;
+        g00 += gw * w;
+        g01 += gw * s;
+        g10 += gs * w;
+        g11 += gs * s;
+    }
+    g_mix[0] += g00;
+    g_mix[1] += g01;
+    g_mix[2] += g10;
+    g_mix[3] += g11;
 }
 
 // per-thread scratch for one chunk of one (batch, head) pair
@@ -312,7 +331,7 @@ struct Forward {
                     // (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d)
                     for (i64 l = 0; l < L; ++l) {
                         const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-                        mix_state(mix + (u * P + p) * 4, before[l], static_cast<const T*>(nullptr), after[l], n, false);
+                        mix_state(mix + (u * P + p) * 4, before[l], after[l], n);
                         scaled_rows(h[l] + j * r * R, write + (u * P + p) * 2 * r, w.hw.data(), w.hs.data(), r, R);
                         gemm(w.hw.data(), 1, R, dl[l] + j * r * C, after[l], R, r, C, T(-1), true);
                         gemm(w.hs.data(), 1, R, dl[l] + j * r * C, after[l] + n, R, r, C, T(-1), true);
@@ -432,8 +451,9 @@ struct Backward {
                 // back through the mixing of all but the chunk's first sub-chunk
                 for (i64 l = 0; l < L; ++l)
                     for (i64 u = first + s - 1; u > first; --u)
-                        mix_state(mix + (u * P + p) * 4, state(g_after, l, u), incoming(l, u),
-                                  state(g_after, l, u - 1), d.numel(l), true);
+                        unmix_state(mix + (u * P + p) * 4, state(g_after, l, u), incoming(l, u),
+                                    path[l] + (u * P + p) * 2 * d.numel(l), state(g_after, l, u - 1),
+                                    g_mix + (u * P + p) * 4, d.numel(l));
                 // the writes subtract h_w^T d: the gradient of d
                 for (i64 l = 0; l < L; ++l) {
                     const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
@@ -501,27 +521,12 @@ struct Backward {
                     else  // k is also the reads' h_0
                         for (i64 x = 0; x < c * R; ++x) gh[x] += read_h[0][x];
                 }
-                // the mixing coefficients: g_mix[u] += g_after[u] (W; S) before[u]^T, over the layers
-                for (i64 j = 0; j < s; ++j) {
-                    const i64 u = first + j;
-                    T* gm = g_mix + (u * P + p) * 4;
-                    for (i64 l = 0; l < L; ++l) {
-                        const i64 n = d.numel(l);
-                        const T* ga_u = state(g_after, l, u);
-                        const T* st = path[l] + (u * P + p) * 2 * n;
-                        for (i64 row_ = 0; row_ < 2; ++row_)
-                            for (i64 col = 0; col < 2; ++col) {
-                                T dot = 0;
-                                for (i64 x = 0; x < n; ++x) dot += ga_u[row_ * n + x] * st[col * n + x];
-                                gm[row_ * 2 + col] += dot;
-                            }
-                    }
-                }
                 // the chunk's start state, through its first sub-chunk's mixing; the anchor is its start weights
                 for (i64 l = 0; l < L; ++l) {
                     const i64 n = d.numel(l);
                     T* before = i ? state(g_after, l, first - 1) : g_states[l] + p * 2 * n;
-                    mix_state(mix + (first * P + p) * 4, state(g_after, l, first), incoming(l, first), before, n, true);
+                    unmix_state(mix + (first * P + p) * 4, state(g_after, l, first), incoming(l, first),
+                                path[l] + (first * P + p) * 2 * n, before, g_mix + (first * P + p) * 4, n);
                     if (i)
                         for (i64 x = 0; x < n; ++x) before[x] += w.ga[l][x];
                     else
