@@ -176,7 +176,7 @@ struct Scratch {
             hidden[l].resize(c * d.rows(l));
             for (auto* v : {&slope[l], &curve[l], &gd[l], &gz[l]}) v->resize(c * d.cols(l));
             ga[l].resize(d.numel(l));
-            qx[l].resize(c * d.rows(l));
+            if (l) qx[l].resize(c * d.rows(l));  // layer 0's input is the queries themselves
             for (auto* v : {&qz[l], &qxw[l], &qxs[l]}) v->resize(c * d.cols(l));
         }
         for (auto* v : {&gate, &bend, &ge, &gh, &hw, &hs, &proj, &gxw, &gxs, &gxq, &gzq, &y}) v->resize(wide);
@@ -298,7 +298,7 @@ struct Forward {
         Scratch<T> w(d);
         std::vector<std::vector<T>> z_own(L), d_own(L), now(L), next(L);  // reading mode's per-chunk values
         for (i64 l = 0; l < L; ++l) {
-            z_own[l].resize(c * d.cols(l));
+            if (l + 1 < L) z_own[l].resize(c * d.cols(l));  // pre-activations of hidden layers only
             d_own[l].resize(c * d.cols(l));
             now[l].resize(2 * d.numel(l));
             next[l].resize(2 * d.numel(l));
@@ -314,7 +314,7 @@ struct Forward {
                 const i64 row = i * P + p;
                 for (i64 l = 0; l < L; ++l) {
                     const i64 cells = c * d.cols(l);
-                    zl[l] = path ? (l + 1 < L ? zs[l] + row * cells : nullptr) : z_own[l].data();
+                    zl[l] = l + 1 == L ? nullptr : path ? zs[l] + row * cells : z_own[l].data();
                     dl[l] = path ? ds[l] + row * cells : d_own[l].data();
                     const T* chunk_start = path ? path[l] + (i * s * P + p) * 2 * d.numel(l) : now[l].data();
                     at[l] = i ? chunk_start : anchor[l] + p * d.numel(l);
