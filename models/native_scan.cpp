@@ -1,6 +1,7 @@
 // The chunk loops of the chunk-parallel memory, compiled: models/neural_memory.py's scan_keys with the reads
 // of read_chunks done during the scan, their backward in one reverse pass, and chunk_coefficients with its
-// backward; the same math and the same tensor layouts (see there for the derivation). Every (batch, head) pair is an independent recurrence, so the
+// backward; the same math and the same tensor layouts (see there for the derivation). At the end, the layer's
+// pointwise work around the scan, with its backward. Every (batch, head) pair is an independent recurrence, so the
 // pairs are shared out over threads and each runs its whole chunk loop without a barrier; inside, the
 // matrices are a few dozen wide, small enough that register-blocked loops beat a call into a BLAS per product.
 //
@@ -392,7 +393,7 @@ struct Backward {
     const T* const* zs;
     const T* const* ds;
     const T *q, *G, *BBC, *g_y;  // the reads: [m s, P, r, d_0], [m s, P, r, r], [m s, P, r, 2], [m s, P, r, d_L]
-    T* const* g_after;  // [m s, P, 2 R, C] gradient at each sub-chunk's end state; the last must be filled in
+    const T* const* g_end;  // [P, 2 R, C] gradient at the end state
     T *g_k, *g_dout;    // [m, P, c, d_0] and [m, P, c, d_L] (the gradient of M(k) - v)
     T *g_write, *g_mix;  // [m s, P, 2, r] and [m s, P, 2, 2], zero-filled
     T *g_q, *g_G, *g_BBC;  // laid out like q, G and BBC
@@ -404,7 +405,11 @@ struct Backward {
         Scratch<T> w(d);
         // what the chunk's reads send back: to the states before its sub-chunks, to the keys' h and d
         std::vector<std::vector<T>> read_state(L), read_h(L), read_d(L);
+        // the gradient at the end state of each of the chunk's sub-chunks and of the one before: slot j + 1 is
+        // sub-chunk j's, slot 0 becomes the next chunk's (the one before) slot s
+        std::vector<std::vector<T>> g_after(L);
         for (i64 l = 0; l < L; ++l) {
+            g_after[l].resize((s + 1) * 2 * d.numel(l));
             read_state[l].resize(s * 2 * d.numel(l));
             read_h[l].resize(c * d.rows(l));
             read_d[l].resize(c * d.cols(l));
@@ -414,7 +419,15 @@ struct Backward {
         for (i64 p = lo; p < hi; ++p)
             for (i64 i = d.m - 1; i >= 0; --i) {
                 const i64 row = i * P + p, first = i * s;
-                auto state = [&](T* const* g, i64 l, i64 u) { return g[l] + (u * P + p) * 2 * d.numel(l); };
+                for (i64 l = 0; l < L; ++l) {
+                    const i64 n2 = 2 * d.numel(l);
+                    T* last = g_after[l].data() + s * n2;
+                    if (i == d.m - 1)
+                        std::memcpy(last, g_end[l] + p * n2, n2 * sizeof(T));
+                    else
+                        std::memcpy(last, g_after[l].data(), n2 * sizeof(T));
+                }
+                auto state = [&](i64 l, i64 u) { return g_after[l].data() + (u - first + 1) * 2 * d.numel(l); };
                 auto incoming = [&](i64 l, i64 u) { return read_state[l].data() + (u - first) * 2 * d.numel(l); };
                 for (i64 l = 0; l < L; ++l)
                     at[l] = i ? path[l] + (first * P + p) * 2 * d.numel(l) : anchor[l] + p * d.numel(l);
@@ -451,15 +464,15 @@ struct Backward {
                 // back through the mixing of all but the chunk's first sub-chunk
                 for (i64 l = 0; l < L; ++l)
                     for (i64 u = first + s - 1; u > first; --u)
-                        unmix_state(mix + (u * P + p) * 4, state(g_after, l, u), incoming(l, u),
-                                    path[l] + (u * P + p) * 2 * d.numel(l), state(g_after, l, u - 1),
+                        unmix_state(mix + (u * P + p) * 4, state(l, u), incoming(l, u),
+                                    path[l] + (u * P + p) * 2 * d.numel(l), state(l, u - 1),
                                     g_mix + (u * P + p) * 4, d.numel(l));
                 // the writes subtract h_w^T d: the gradient of d
                 for (i64 l = 0; l < L; ++l) {
                     const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
                     std::memcpy(w.gd[l].data(), read_d[l].data(), c * C * sizeof(T));
                     for (i64 j = 0; j < s; ++j) {
-                        const T* gx = state(g_after, l, first + j);
+                        const T* gx = state(l, first + j);
                         scaled_rows(h[l] + j * r * R, write + ((first + j) * P + p) * 2 * r, w.hw.data(), w.hs.data(),
                                     r, R);
                         T* gdj = w.gd[l].data() + j * r * C;
@@ -496,7 +509,7 @@ struct Backward {
                     const T* dl = ds[l] + row * c * C;
                     for (i64 j = 0; j < s; ++j) {
                         const i64 u = first + j;
-                        const T* gx = state(g_after, l, u);
+                        const T* gx = state(l, u);
                         const T* wj = write + (u * P + p) * 2 * r;
                         T* gw = g_write + (u * P + p) * 2 * r;
                         transpose(gx, w.gx_t.data(), R, C);
@@ -524,8 +537,8 @@ struct Backward {
                 // the chunk's start state, through its first sub-chunk's mixing; the anchor is its start weights
                 for (i64 l = 0; l < L; ++l) {
                     const i64 n = d.numel(l);
-                    T* before = i ? state(g_after, l, first - 1) : g_states[l] + p * 2 * n;
-                    unmix_state(mix + (first * P + p) * 4, state(g_after, l, first), incoming(l, first),
+                    T* before = i ? state(l, first - 1) : g_states[l] + p * 2 * n;
+                    unmix_state(mix + (first * P + p) * 4, state(l, first), incoming(l, first),
                                 path[l] + (first * P + p) * 2 * n, before, g_mix + (first * P + p) * 4, n);
                     if (i)
                         for (i64 x = 0; x < n; ++x) before[x] += w.ga[l][x];
@@ -653,6 +666,153 @@ struct Coefficients {
     }
 };
 
+// The layer's pointwise work around the scan: NeuralMemory.project's conv, SiLU and L2 norms, and
+// NeuralMemory.finish's RMS norm and sigmoid gate. Tokens are independent, so they are shared out over threads.
+// In torch with autograd this is some two dozen passes over the activations each way; here it is one pass
+// forward and one or two back. The weights' gradients are summed per thread into rows of `partial` that the
+// caller adds up. A null incoming gradient means the forward.
+
+// Causal depthwise conv, SiLU, and the L2 norm of q and k: from u = (tail; p) [B, K - 1 + N, 3 H dh], the
+// projections p with the K - 1 inputs before them, to q, k, v [B, H, N, dh] each. The backward takes the
+// gradients of q, k, v to g_a [B, N, 3 H dh] at the conv's output, and sums g_a's products with the conv's inputs
+// into partial [threads, K + 1, 3 H dh] (the weight's gradient, then the bias's).
+template <typename T>
+struct ConvActivateNormalise {
+    i64 n, heads, dh, kernel;
+    const T *tail, *p, *w, *bias;  // w [K, 3 H dh]
+    T *const *out;                 // forward: q, k, v
+    const T *const *g_out;         // backward: their gradients
+    T *g_a, *partial;
+    static constexpr T min_norm = T(1e-6);  // l2_normalise clamps the norm here
+
+    i64 channels() const { return 3 * heads * dh; }
+    const T* row(i64 b, i64 s) const {
+        const i64 C = channels(), before = kernel - 1;
+        return s < before ? tail + (b * before + s) * C : p + (b * n + s - before) * C;
+    }
+    // a = bias + sum_j w_j u_{t + j}, s = sigmoid(a), h = silu(a)
+    void activate(i64 b, i64 t, T* a, T* s, T* h) const {
+        const i64 C = channels();
+        for (i64 c = 0; c < C; ++c) a[c] = bias[c];
+        for (i64 j = 0; j < kernel; ++j) {
+            const T *u = row(b, t + j), *wj = w + j * C;
+            for (i64 c = 0; c < C; ++c) a[c] += wj[c] * u[c];
+        }
+        sigmoid(a, s, C);
+        for (i64 c = 0; c < C; ++c) h[c] = a[c] * s[c];
+    }
+    static T norm(const T* x, i64 d) {
+        T sq = 0;
+        for (i64 e = 0; e < d; ++e) sq += x[e] * x[e];
+        return std::sqrt(sq);
+    }
+
+    void run(i64 lo, i64 hi) const {  // over tokens i = b N + t
+        const i64 C = channels();
+        std::vector<T> a(C), s(C), h(C);
+        T* sums = g_out ? partial + omp_get_thread_num() * (kernel + 1) * C : nullptr;
+        for (i64 i = lo; i < hi; ++i) {
+            const i64 b = i / n, t = i % n;
+            activate(b, t, a.data(), s.data(), h.data());
+            T* ga = g_out ? g_a + i * C : nullptr;
+            for (i64 part = 0; part < 3; ++part)
+                for (i64 head = 0; head < heads; ++head) {
+                    const i64 c0 = (part * heads + head) * dh, at = ((b * heads + head) * n + t) * dh;
+                    const T* x = h.data() + c0;
+                    const T nx = part < 2 ? norm(x, dh) : T(1), scale = T(1) / (nx > min_norm ? nx : min_norm);
+                    if (!g_out) {
+                        for (i64 e = 0; e < dh; ++e) out[part][at + e] = x[e] * scale;
+                        continue;
+                    }
+                    const T* g = g_out[part] + at;
+                    T along = 0;  // above the clamp, y = x / |x| moves as (g - y (g . y)) / |x|
+                    if (part < 2 && nx > min_norm) {
+                        for (i64 e = 0; e < dh; ++e) along += g[e] * x[e];
+                        along *= scale * scale;
+                    }
+                    for (i64 e = 0; e < dh; ++e) {  // then times silu'(a) = s (1 + a (1 - s))
+                        const T sc = s[c0 + e];
+                        ga[c0 + e] = (g[e] - x[e] * along) * scale * sc * (T(1) + a[c0 + e] * (T(1) - sc));
+                    }
+                }
+            if (!g_out) continue;
+            for (i64 j = 0; j < kernel; ++j) {
+                const T* u = row(b, t + j);
+                T* sw = sums + j * C;
+                for (i64 c = 0; c < C; ++c) sw[c] += ga[c] * u[c];
+            }
+            T* sb = sums + kernel * C;
+            for (i64 c = 0; c < C; ++c) sb[c] += ga[c];
+        }
+    }
+};
+
+// The rest of the conv's backward, over the rows s of u = (tail; p): g_u_s = sum_j w_j g_a_{s - j}.
+template <typename T>
+struct ConvInputGradient {
+    i64 n, channels, kernel;
+    const T *w, *g_a;
+    T *g_tail, *g_p;
+
+    void run(i64 lo, i64 hi) const {
+        const i64 C = channels, before = kernel - 1;
+        for (i64 i = lo; i < hi; ++i) {
+            const i64 b = i / (before + n), s = i % (before + n);
+            T* g = s < before ? g_tail + (b * before + s) * C : g_p + (b * n + s - before) * C;
+            for (i64 c = 0; c < C; ++c) g[c] = 0;
+            for (i64 j = 0; j < kernel; ++j) {
+                if (s - j < 0 || s - j >= n) continue;
+                const T *wj = w + j * C, *ga = g_a + (b * n + s - j) * C;
+                for (i64 c = 0; c < C; ++c) g[c] += wj[c] * ga[c];
+            }
+        }
+    }
+};
+
+// Each head's read RMS-normed with a weight, then gated: y [B, H, N, dh] and gate logits [B, N, H dh] to out
+// [B, N, H dh], tokens major as the output projection takes them. The backward gives g_y and g_logits, and sums
+// the norm weight's gradient into partial [threads, dh].
+template <typename T>
+struct NormGate {
+    i64 n, heads, dh;
+    T eps;
+    const T *y, *weight, *logits;
+    T* out;          // forward
+    const T* g_out;  // backward: the incoming gradient
+    T *g_y, *g_logits, *partial;
+
+    void run(i64 lo, i64 hi) const {  // over tokens i = b N + t
+        const i64 D = heads * dh;
+        std::vector<T> s(D);
+        T* sums = g_out ? partial + omp_get_thread_num() * dh : nullptr;
+        for (i64 i = lo; i < hi; ++i) {
+            const i64 b = i / n, t = i % n;
+            sigmoid(logits + i * D, s.data(), D);
+            for (i64 head = 0; head < heads; ++head) {
+                const i64 at = ((b * heads + head) * n + t) * dh, c = i * D + head * dh;
+                const T *x = y + at, *sc = s.data() + head * dh;
+                T sq = 0;
+                for (i64 e = 0; e < dh; ++e) sq += x[e] * x[e];
+                const T r = T(1) / std::sqrt(sq / T(dh) + eps);
+                if (!g_out) {
+                    for (i64 e = 0; e < dh; ++e) out[c + e] = x[e] * r * weight[e] * sc[e];
+                    continue;
+                }
+                const T* g = g_out + c;
+                T dot = 0;  // x_hat = x r moves the output by g_hat = g s w; x by r (g_hat - x_hat mean(g_hat x_hat))
+                for (i64 e = 0; e < dh; ++e) {
+                    const T normed = x[e] * r;
+                    g_logits[c + e] = g[e] * normed * weight[e] * sc[e] * (T(1) - sc[e]);
+                    sums[e] += g[e] * sc[e] * normed;
+                    dot += g[e] * sc[e] * weight[e] * normed;
+                }
+                dot /= T(dh);
+                for (i64 e = 0; e < dh; ++e) g_y[at + e] = r * (g[e] * sc[e] * weight[e] - x[e] * r * dot);
+            }
+        }
+    }
+};
+
 // Flush subnormals to zero while a job runs on this thread: the decay coefficients reach e^-80 by design, and
 // their products with small signals fall below float's normal range, where every operation costs ~100 cycles.
 // Values that small are far below any tolerance here; the thread's previous mode is restored afterwards.
@@ -695,10 +855,10 @@ void over_pairs(const Job& job, i64 pairs, i64 threads) {
     extern "C" void scan_backward_##SUFFIX(                                                                       \
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, const T* const* anchor, const T* k,     \
         const T* write, const T* mix, const T* const* path, const T* const* zs, const T* const* ds, const T* q,   \
-        const T* G, const T* BBC, const T* g_y, T* const* g_after, T* g_k, T* g_dout, T* g_write, T* g_mix,      \
+        const T* G, const T* BBC, const T* g_y, const T* const* g_end, T* g_k, T* g_dout, T* g_write, T* g_mix,      \
         T* g_q, T* g_G, T* g_BBC, T* const* g_states, T* const* g_anchor, i64 threads) {                         \
         const Dims d{depth, m, subs, pairs, c, widths};                                                           \
-        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, q, G, BBC, g_y, g_after, g_k, g_dout,     \
+        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, q, G, BBC, g_y, g_end, g_k, g_dout,     \
                                g_write, g_mix, g_q, g_G, g_BBC, g_states, g_anchor},                             \
                    pairs, threads);                                                                               \
     }
@@ -723,3 +883,34 @@ TITANS_COEFFICIENT_EXPORTS(double, f64)
 
 TITANS_SCAN_EXPORTS(float, f32)
 TITANS_SCAN_EXPORTS(double, f64)
+
+#define TITANS_POINTWISE_EXPORTS(T, SUFFIX)                                                                        \
+    extern "C" void conv_activate_normalise_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, i64 kernel,             \
+                                                     const T* tail, const T* p, const T* w, const T* bias,        \
+                                                     T* const* out, i64 threads) {                                 \
+        over_pairs(ConvActivateNormalise<T>{n, heads, dh, kernel, tail, p, w, bias, out, nullptr, nullptr,        \
+                                            nullptr},                                                              \
+                   batch * n, threads);                                                                            \
+    }                                                                                                              \
+    extern "C" void conv_activate_normalise_backward_##SUFFIX(                                                     \
+        i64 batch, i64 n, i64 heads, i64 dh, i64 kernel, const T* tail, const T* p, const T* w, const T* bias,    \
+        const T* const* g_out, T* g_a, T* partial, T* g_tail, T* g_p, i64 threads) {                               \
+        over_pairs(ConvActivateNormalise<T>{n, heads, dh, kernel, tail, p, w, bias, nullptr, g_out, g_a, partial}, \
+                   batch * n, threads);                                                                            \
+        over_pairs(ConvInputGradient<T>{n, 3 * heads * dh, kernel, w, g_a, g_tail, g_p}, batch * (kernel - 1 + n), \
+                   threads);                                                                                       \
+    }                                                                                                              \
+    extern "C" void norm_gate_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, T eps, const T* y, const T* weight,   \
+                                       const T* logits, T* out, i64 threads) {                                     \
+        over_pairs(NormGate<T>{n, heads, dh, eps, y, weight, logits, out, nullptr, nullptr, nullptr, nullptr},     \
+                   batch * n, threads);                                                                            \
+    }                                                                                                              \
+    extern "C" void norm_gate_backward_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, T eps, const T* y,           \
+                                                const T* weight, const T* logits, const T* g_out, T* g_y,          \
+                                                T* g_logits, T* partial, i64 threads) {                            \
+        over_pairs(NormGate<T>{n, heads, dh, eps, y, weight, logits, nullptr, g_out, g_y, g_logits, partial},      \
+                   batch * n, threads);                                                                            \
+    }
+
+TITANS_POINTWISE_EXPORTS(float, f32)
+TITANS_POINTWISE_EXPORTS(double, f64)

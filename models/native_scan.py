@@ -1,5 +1,6 @@
 """The memory's chunk loops as compiled code (native_scan.cpp), for CPU tensors: the sequential key scan with
-the queries read during it, one reverse pass for the backward of both, and the gate coefficients.
+the queries read during it, one reverse pass for the backward of both, and the gate coefficients; and the
+layer's pointwise work around them (the conv, SiLU and q/k norms before, the output norm and gate after).
 
 The torch loop in neural_memory.py issues some 10 (forward) and 25 (backward) tiny kernels per chunk; at
 these sizes each costs more in dispatch than in arithmetic, and none can use a second core. The compiled
@@ -109,6 +110,10 @@ def _int(*values: int) -> list[ctypes.c_int64]:
     return [ctypes.c_int64(v) for v in values]
 
 
+def _float(dtype: torch.dtype, value: float) -> ctypes.c_float | ctypes.c_double:
+    return (ctypes.c_float if dtype == torch.float32 else ctypes.c_double)(value)
+
+
 def _forward(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
              q: Tensor, G: Tensor, BBC: Tensor, y: Tensor, recording: tuple[list[Tensor], ...] | None,
              end: list[Tensor] | None) -> None:
@@ -158,9 +163,7 @@ def scan_and_read_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: 
     k, write, mix, q, G, BBC = (t.contiguous() for t in (k, write, mix, q, G, BBC))
     g_y = g_y.contiguous()  # held in a name: a temporary's memory could be freed before the call reads it
     dims, widths = _shape(path, k, write)
-    g_after = [torch.empty_like(p[:-1]) for p in path]  # the gradient at every sub-chunk's end state
-    for g, ge in zip(g_after, g_end, strict=True):
-        g[-1] = ge
+    g_end = [g.contiguous() for g in g_end]
     g_k, g_dout = torch.empty_like(k), torch.empty_like(ds[-1])
     g_write, g_mix = torch.zeros_like(write), torch.zeros_like(mix)
     g_q, g_G, g_BBC = torch.empty_like(q), torch.empty_like(G), torch.empty_like(BBC)
@@ -168,7 +171,7 @@ def scan_and_read_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: 
     g_anchor = [torch.empty_like(a) for a in anchor]
     fn = getattr(library(), f"scan_backward_{SUFFIX[k.dtype]}")
     fn(*_int(*dims), widths, _pointers(anchor), *map(_pointer, (k, write, mix)), *map(_pointers, (path, zs, ds)),
-       *map(_pointer, (q, G, BBC, g_y)), _pointers(g_after), *map(_pointer, (g_k, g_dout, g_write, g_mix)),
+       *map(_pointer, (q, G, BBC, g_y)), _pointers(g_end), *map(_pointer, (g_k, g_dout, g_write, g_mix)),
        *map(_pointer, (g_q, g_G, g_BBC)), _pointers(g_states), _pointers(g_anchor),
        ctypes.c_int64(torch.get_num_threads()))
     return g_states, g_anchor, g_k, -g_dout, g_write, g_mix, g_q, g_G, g_BBC
@@ -196,3 +199,54 @@ def coefficients_backward(log_eta: Tensor, log_keep: Tensor, theta: Tensor,
        *(_pointer(grads[name]) for name in ("G", "BBC", "mix", "write")),
        *map(_pointer, (g_eta, g_keep, g_theta)), ctypes.c_int64(torch.get_num_threads()))
     return g_eta, g_keep, g_theta
+
+
+def conv_activate_normalise(tail: Tensor, p: Tensor, weight: Tensor, bias: Tensor,
+                            heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """NeuralMemory.project's pointwise part: the causal depthwise conv over (tail; p) [B, K - 1 + N, 3 H dh],
+    SiLU, the split into heads and the L2 norm of q and k. Returns q, k, v [B, H, N, dh]. All contiguous."""
+    batch, n, channels = p.shape
+    dh = channels // (3 * heads)
+    out = [p.new_empty(batch, heads, n, dh) for _ in range(3)]
+    fn = getattr(library(), f"conv_activate_normalise_{SUFFIX[p.dtype]}")
+    fn(*_int(batch, n, heads, dh, weight.shape[0]), *map(_pointer, (tail, p, weight, bias)), _pointers(out),
+       ctypes.c_int64(torch.get_num_threads()))
+    return tuple(out)
+
+
+def conv_activate_normalise_backward(tail: Tensor, p: Tensor, weight: Tensor, bias: Tensor,
+                                     grads: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From contiguous gradients of q, k, v to those of tail, p, the conv weight and its bias."""
+    (batch, n, channels), kernel, threads = p.shape, weight.shape[0], torch.get_num_threads()
+    heads = grads[0].shape[1]
+    g_a = torch.empty_like(p)
+    partial = p.new_zeros(threads, kernel + 1, channels)  # per thread: the weight's gradient, then the bias's
+    g_tail, g_p = torch.empty_like(tail), torch.empty_like(p)
+    fn = getattr(library(), f"conv_activate_normalise_backward_{SUFFIX[p.dtype]}")
+    fn(*_int(batch, n, heads, channels // (3 * heads), kernel), *map(_pointer, (tail, p, weight, bias)),
+       _pointers(grads), *map(_pointer, (g_a, partial, g_tail, g_p)), ctypes.c_int64(threads))
+    sums = partial.sum(0)
+    return g_tail, g_p, sums[:kernel], sums[kernel]
+
+
+def norm_gate(y: Tensor, weight: Tensor, logits: Tensor, eps: float) -> Tensor:
+    """NeuralMemory.finish's pointwise part: each head's read y [B, H, N, dh] RMS-normed with `weight`, laid out
+    tokens major and gated by sigmoid(logits) [B, N, H dh]. All contiguous."""
+    batch, heads, n, dh = y.shape
+    out = torch.empty_like(logits)
+    fn = getattr(library(), f"norm_gate_{SUFFIX[y.dtype]}")
+    fn(*_int(batch, n, heads, dh), _float(y.dtype, eps), *map(_pointer, (y, weight, logits, out)),
+       ctypes.c_int64(torch.get_num_threads()))
+    return out
+
+
+def norm_gate_backward(y: Tensor, weight: Tensor, logits: Tensor, eps: float,
+                       g_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From the contiguous gradient of norm_gate's output to those of y, weight and logits."""
+    batch, heads, n, dh = y.shape
+    threads = torch.get_num_threads()
+    g_y, g_logits, partial = torch.empty_like(y), torch.empty_like(logits), y.new_zeros(threads, dh)
+    fn = getattr(library(), f"norm_gate_backward_{SUFFIX[y.dtype]}")
+    fn(*_int(batch, n, heads, dh), _float(y.dtype, eps), *map(_pointer, (y, weight, logits, g_out, g_y, g_logits,
+                                                                           partial)), ctypes.c_int64(threads))
+    return g_y, partial.sum(0), g_logits

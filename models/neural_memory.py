@@ -54,6 +54,7 @@ RULES = ("titans", "seed", "seed_corrected")
 PATHS = ("chunked", "reference")
 KERNELS = ("auto", "native", "torch")
 NO_MOMENTUM_LOG = -1.0e4  # log eta when momentum is off: exp() of any sum of it is exactly 0
+NORM_EPS = 1e-6  # the output RMS norm's
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ class MemoryConfig:
     path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
     block: int = 1024  # longer inputs are streamed through the state in blocks of this many tokens
     read_chunk: int = 16  # a chunk that is a multiple of it is read in sub-chunks of this size (same result)
-    kernel: str = "auto"  # the chunked path's loops: "native" (compiled, CPU), "torch", or native where usable
+    kernel: str = "auto"  # compiled CPU code ("native") or torch ops for the chunk loops and the pointwise work
+    # around the scan (conv, norms, output gate), or native where usable
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -567,6 +569,42 @@ def l2_normalise(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+class ConvActivateNormalise(torch.autograd.Function):
+    """The conv, SiLU and q/k norms of NeuralMemory.project compiled (native_scan), from the projections and the
+    conv tail to q, k, v [B, H, N, dh]. The backward recomputes the activations from the conv's inputs rather
+    than storing them. The torch ops stay as the GPU path and as the reference the tests hold this to."""
+
+    @staticmethod
+    def forward(ctx, tail: Tensor, p: Tensor, weight: Tensor, bias: Tensor, heads: int):
+        inputs = [t.contiguous() for t in (tail, p, weight, bias)]
+        ctx.save_for_backward(*inputs)
+        return native_scan.conv_activate_normalise(*inputs, heads)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor):
+        grads = [g.contiguous() for g in grads]  # held in names: the C call reads them
+        return (*native_scan.conv_activate_normalise_backward(*ctx.saved_tensors, grads), None)
+
+
+class NormGate(torch.autograd.Function):
+    """The RMS norm, sigmoid gate and token-major layout of NeuralMemory.finish compiled (native_scan), with a
+    hand-written backward; the torch ops stay as the GPU path and the tested reference."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor, logits: Tensor, eps: float):
+        inputs = [t.contiguous() for t in (y, weight, logits)]
+        ctx.save_for_backward(*inputs)
+        ctx.eps = eps
+        return native_scan.norm_gate(*inputs, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out: Tensor):
+        g_out = g_out.contiguous()
+        return (*native_scan.norm_gate_backward(*ctx.saved_tensors, ctx.eps, g_out), None)
+
+
 class NeuralMemory(nn.Module):
     """The memory layer: q/k/v projections -> causal depthwise conv -> SiLU (q, k L2-normalised), gates per
     token and head, the memory scan, then per-head RMS-norm, a sigmoid gate from x, and the output projection.
@@ -617,21 +655,29 @@ class NeuralMemory(nn.Module):
     def finish(self, y: Tensor, x: Tensor) -> Tensor:
         """Per-head RMS-norm, sigmoid gate from x, output projection: [B, H, N, dh] -> [B, N, D]."""
         b, n, d = x.shape
-        y = F.rms_norm(y, (self.dh,), self.out_norm, eps=1e-6)
-        return self.out(y.transpose(1, 2).reshape(b, n, d) * torch.sigmoid(self.out_gate(x)))
+        logits = self.out_gate(x)
+        if use_native(self.config.kernel, y, self.out_norm, logits):
+            return self.out(NormGate.apply(y, self.out_norm, logits, NORM_EPS))
+        y = F.rms_norm(y, (self.dh,), self.out_norm, eps=NORM_EPS)
+        return self.out(y.transpose(1, 2).reshape(b, n, d) * torch.sigmoid(logits))
 
     def project(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, ...]:
         b, n, d = x.shape
         c, h = self.config, self.config.n_heads
-        u = torch.cat([state["conv"], self.qkv(x)], dim=1)  # [B, kernel - 1 + N, 3D]
-        new_tail = u[:, u.shape[1] - (c.conv_kernel - 1):]
-        u = F.silu(self.conv(u))
-        q, k, v = u.view(b, n, 3, h, self.dh).permute(2, 0, 3, 1, 4).contiguous()  # [B, H, N, dh] each
+        tail, p = state["conv"], self.qkv(x)  # the last kernel - 1 projections before x, then x's: [B, ., 3D]
+        before = p if n >= c.conv_kernel - 1 else torch.cat([tail, p], dim=1)
+        new_tail = before[:, before.shape[1] - (c.conv_kernel - 1):]
+        if use_native(c.kernel, tail, p, self.conv.weight, self.conv.bias):
+            q, k, v = ConvActivateNormalise.apply(tail, p, self.conv.weight, self.conv.bias, h)
+        else:
+            u = F.silu(self.conv(torch.cat([tail, p], dim=1)))
+            q, k, v = u.view(b, n, 3, h, self.dh).permute(2, 0, 3, 1, 4).contiguous()  # [B, H, N, dh] each
+            q, k = l2_normalise(q), l2_normalise(k)
         theta_l, eta_l, alpha_l = self.gates(x).view(b, n, 3, h).permute(2, 0, 3, 1)  # [B, H, N] each
         theta = c.max_lr * torch.sigmoid(theta_l)
         log_eta = F.logsigmoid(eta_l) if c.momentum else torch.full_like(eta_l, NO_MOMENTUM_LOG)
         log_keep = F.logsigmoid(-alpha_l) if c.forgetting else torch.zeros_like(alpha_l)
-        return l2_normalise(q), l2_normalise(k), v, log_eta, log_keep, theta, new_tail
+        return q, k, v, log_eta, log_keep, theta, new_tail
 
     def forward(
         self, x: Tensor, state: dict[str, Any] | None = None, diagnostics: dict[str, list] | None = None

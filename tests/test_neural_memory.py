@@ -275,6 +275,50 @@ def test_compiled_gate_coefficients_and_their_backward_equal_chunk_coefficients(
         assert (a - e).abs().max() <= 1e-10 * e.abs().max()
 
 
+def twin_layers(dtype, **config):
+    """The same layer twice, on the torch ops and on the compiled code."""
+    layers = []
+    for kernel in ("torch", "native"):
+        torch.manual_seed(0)
+        layers.append(NeuralMemory(24, MemoryConfig(n_heads=3, kernel=kernel, **config)).to(dtype))
+    return layers
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("conv_kernel,n,threads", [(4, 9, 2), (4, 2, 3), (1, 5, 1)])
+def test_compiled_conv_norms_and_output_gate_equal_the_torch_ops_forward_and_backward(dtype, conv_kernel, n,
+                                                                                        threads):
+    # n = 2 is shorter than the conv tail; one head's q is exactly zero, where the norm's clamp holds
+    layers = twin_layers(dtype, conv_kernel=conv_kernel)
+    g = torch.Generator().manual_seed(3)
+    x, tail, y = (torch.randn(*shape, generator=g, dtype=dtype) for shape in
+                  ((2, n, 24), (2, conv_kernel - 1, 72), (2, 3, n, 8)))
+    tail[..., 8:16] = 0
+    for layer in layers:
+        with torch.no_grad():
+            layer.qkv.weight[8:16] = 0
+            layer.conv.bias[8:16] = 0
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    results, probes = [], None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layer in layers:
+            leaves = [t.clone().requires_grad_(True) for t in (x, tail, y)]
+            *outs, new_tail = layer.project(leaves[0], {"conv": leaves[1]})
+            outs.append(layer.finish(leaves[2], leaves[0]))
+            probes = probes or [torch.randn(o.shape, generator=g, dtype=dtype) for o in outs]
+            loss = sum((o * p).sum() for o, p in zip(outs, probes, strict=True)) + new_tail.sum()
+            params = [layer.qkv.weight, layer.conv.weight, layer.conv.bias, layer.out_norm, layer.out_gate.weight]
+            results.append([*outs, new_tail, *torch.autograd.grad(loss, leaves + params)])
+    finally:
+        torch.set_num_threads(previous)
+    assert results[0][0][:, 1].abs().max() == 0  # the zero head
+    for e, a in zip(*results, strict=True):
+        assert torch.isfinite(e).all() and (e.numel() == 0 or rel_err(a, e) < tol)
+
+
 @needs_native
 def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
     # six (batch, head) pairs over 1, 4 and 6 threads: uneven shares, every pair computed exactly once
