@@ -5,7 +5,9 @@ judged from the same run.
 
 What each computes: ours follows the paper (gradients anchored at every chunk start, per-token gates,
 reads after each token's write); titans-pytorch takes every inner gradient at the call's initial weights
-unless a batch size is set, pools the gates per chunk and reads chunk-end weights only. `--kernel` picks our
+unless a batch size is set, pools the gates per chunk and reads chunk-end weights only. `--anchored` adds it
+with batch_size = chunk, which anchors each chunk's gradients at the previous chunk's end as ours does (it still
+pools gates and reads chunk-end weights): the same gradient rule, side by side. `--kernel` picks our
 memory kernel (default: compiled where usable). Forward work is counted by FlopCounterMode, under which our
 layer runs its torch loops: the compiled ones do the same products, invisibly to the counter.
 
@@ -29,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import native_scan
 from models.neural_memory import KERNELS, MemoryConfig, NeuralMemory
 
+ANCHORED = "titans-pytorch/anchored"
+
 
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -44,10 +48,13 @@ def ours(dim: int, heads: int, depth: int, chunk: int, kernel: str = "auto") -> 
     return _Wrap(lambda x: layer(x)[0], layer)
 
 
-def titans_pytorch(dim: int, heads: int, depth: int, chunk: int) -> torch.nn.Module:
+def titans_pytorch(dim: int, heads: int, depth: int, chunk: int, anchored: bool = False) -> torch.nn.Module:
+    """anchored: batch_size = chunk, so that titans-pytorch takes each chunk's gradients at the weights the
+    previous chunk left, as the paper (and ours) does; it then runs its chunks one after another."""
     from titans_pytorch import NeuralMemory as TPMemory  # optional extra
 
     layer = TPMemory(dim=dim, chunk_size=chunk, heads=heads, dim_head=dim // heads,
+                     batch_size=chunk if anchored else None,
                      default_model_kwargs={"depth": depth, "expansion_factor": 2.0})
     return _Wrap(lambda x: layer(x)[0], layer)
 
@@ -97,7 +104,8 @@ def measure_cell(layers: dict[str, torch.nn.Module], batch: int, n: int, dim: in
 
 
 def verdicts(results: dict[tuple[str, int, int], dict[str, float]]) -> list[str]:
-    """The issue's targets, judged on this run's numbers, one line per chunk size and target."""
+    """The issue's targets, judged on this run's numbers, one line per chunk size and target; then, where it
+    was measured, how ours compares with titans-pytorch anchored per chunk (the same gradient rule)."""
     lines = []
     for chunk in sorted({c for _, c, _ in results}):
         lengths = sorted(n for name, c, n in results if name == "ours" and c == chunk)
@@ -113,6 +121,12 @@ def verdicts(results: dict[tuple[str, int, int], dict[str, float]]) -> list[str]
                 ratio = results["ours", chunk, n][key] / results["titans-pytorch", chunk, n][key]
                 lines.append(f"chunk {chunk}: {label} at n={n}: {ratio:.2f}x titans-pytorch -- target >= {bound:g}x: "
                              f"{'met' if ratio >= bound else 'missed'}")
+        for n in lengths:
+            if (ANCHORED, chunk, n) in results:
+                ratios = [results["ours", chunk, n][key] / results[ANCHORED, chunk, n][key]
+                          for key in ("fwd_tok_s", "train_tok_s")]
+                lines.append(f"chunk {chunk}: at n={n}, against {ANCHORED} (gradients anchored per chunk in both): "
+                             f"forward {ratios[0]:.1f}x, forward+backward {ratios[1]:.1f}x")
     return lines
 
 
@@ -129,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kernel", default="auto", choices=KERNELS, help="our memory kernel (see MemoryConfig)")
     p.add_argument("--titans-pytorch", action="store_true", help="also measure titans-pytorch's NeuralMemory")
+    p.add_argument("--anchored", action="store_true",
+                   help=f"also measure {ANCHORED}: titans-pytorch with batch_size = chunk, the paper's gradient rule "
+                        "(slow: its chunks run one by one in Python)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -138,16 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel != "torch":
         print(f"memory loops: {native_scan.describe()}")
     impls = {"ours": functools.partial(ours, kernel=args.kernel)} | (
-        {"titans-pytorch": titans_pytorch} if args.titans_pytorch else {})
+        {"titans-pytorch": titans_pytorch} if args.titans_pytorch else {}) | (
+        {ANCHORED: functools.partial(titans_pytorch, anchored=True)} if args.anchored else {})
     header = ("impl", "chunk", "n", "fwd tok/s", "fwd+bwd tok/s", "fwd GFLOP", "fwd GFLOP/s", "% peak")
-    print("{:<15} {:>5} {:>6} {:>11} {:>14} {:>10} {:>12} {:>7}".format(*header))
+    print("{:<24} {:>5} {:>6} {:>11} {:>14} {:>10} {:>12} {:>7}".format(*header))
     results = {}
     for chunk in (int(c) for c in args.chunks.split(",")):
         for n in (int(v) for v in args.lengths.split(",")):
             layers = {name: make(args.dim, args.heads, args.depth, chunk) for name, make in impls.items()}
             for name, r in measure_cell(layers, args.batch, n, args.dim, args.repeats).items():
                 results[name, chunk, n] = r
-                print(f"{name:<15} {chunk:>5} {n:>6} {r['fwd_tok_s']:>11,.0f} {r['train_tok_s']:>14,.0f} "
+                print(f"{name:<24} {chunk:>5} {n:>6} {r['fwd_tok_s']:>11,.0f} {r['train_tok_s']:>14,.0f} "
                       f"{r['fwd_gflop']:>10.2f} {r['fwd_gflops']:>12.1f} {100 * r['fwd_gflops'] / peak:>6.1f}%",
                       flush=True)
     for line in verdicts(results):

@@ -689,7 +689,7 @@ class NeuralMemory(nn.Module):
             # stay small enough for the allocator to reuse instead of faulting in fresh pages each time
             ys = []
             for piece in x.split(c.block, dim=1):
-                y, state = self(piece, state)
+                y, state = self(piece.contiguous(), state)  # once: each projection would copy the strided view
                 ys.append(y)
             return torch.cat(ys, dim=1), state
         q, k, v, log_eta, log_keep, theta, tail = self.project(x, state)

@@ -42,9 +42,12 @@ def test_verdicts_judge_each_target_from_the_measured_numbers():
         return {"fwd_tok_s": fwd, "train_tok_s": train, "fwd_gflops": 1.0}
 
     results = {("ours", 16, 1024): cell(100, 50), ("ours", 16, 4096): cell(90, 30), ("ours", 16, 16384): cell(85, 45),
-               ("titans-pytorch", 16, 4096): cell(80, 10), ("titans-pytorch", 16, 16384): cell(80, 30)}
+               ("titans-pytorch", 16, 4096): cell(80, 10), ("titans-pytorch", 16, 16384): cell(80, 30),
+               ("titans-pytorch/anchored", 16, 4096): cell(10, 5)}
     lines = verdicts(results)
     assert "forward tokens/s over n = 1024..16384: slowest 15% below fastest -- target within 20%: met" in lines[0]
     assert "slowest 40% below fastest" in lines[1] and lines[1].endswith("missed")
     assert "forward at n=4096: 1.12x titans-pytorch -- target >= 1x: met" in lines[2]
     assert "forward+backward at n=16384: 1.50x titans-pytorch -- target >= 2x: missed" in lines[3]
+    assert lines[4].endswith("at n=4096, against titans-pytorch/anchored (gradients anchored per chunk in both): "
+                             "forward 9.0x, forward+backward 6.0x") and len(lines) == 5
