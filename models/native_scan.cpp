@@ -5,13 +5,14 @@
 // pairs are shared out over threads and each runs its whole chunk loop without a barrier; inside, the
 // matrices are a few dozen wide, small enough that register-blocked loops beat a call into a BLAS per product.
 //
-// Layouts, all contiguous. Per memory layer l (R = d_l rows, C = d_{l+1} columns, n = R C), for m chunks of
-// c tokens, s sub-chunks of r = c / s tokens each, and P = batch * heads pairs:
-//   path[l]    [m s + 1, P, 2 R, C]  state (weights over momentum) before every sub-chunk and after the last
+// Layouts, all contiguous and pairs major, so that a pair's tokens are its slice of a [B H, N, d] tensor. Per
+// memory layer l (R = d_l rows, C = d_{l+1} columns, n = R C), for m chunks of c tokens, s sub-chunks of
+// r = c / s tokens each, and P = batch * heads pairs:
+//   path[l]    [P, m s + 1, 2 R, C]  state (weights over momentum) before every sub-chunk and after the last
 //   anchor[l]  [P, R, C]             gradient anchor of the first chunk (later chunks: their start weights)
-//   k [m, P, c, d_0], v [m, P, c, d_L], zs[l] / ds[l] [m, P, c, C]  (zs only for hidden layers)
-//   write      [m s, P, 2, r]        per-token scales of the weight and the momentum write
-//   mix        [m s, P, 2, 2]        (W, S) -> (mix00 W + mix01 S, mix10 W + mix11 S)
+//   k [P, m, c, d_0], v [P, m, c, d_L], zs[l] / ds[l] [P, m, c, C]  (zs only for hidden layers)
+//   write      [P, m s, 2, r]        per-token scales of the weight and the momentum write
+//   mix        [P, m s, 2, 2]        (W, S) -> (mix00 W + mix01 S, mix10 W + mix11 S)
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -32,6 +33,10 @@ struct Dims {
     i64 rows(i64 l) const { return widths[l]; }
     i64 cols(i64 l) const { return widths[l + 1]; }
     i64 numel(i64 l) const { return widths[l] * widths[l + 1]; }
+    // pairs major: each pair's chunks, sub-chunks and states lie together
+    i64 row(i64 i, i64 p) const { return p * m + i; }                 // chunk i in k, v, zs, ds
+    i64 unit(i64 u, i64 p) const { return p * m * subs + u; }         // sub-chunk u in write, mix, q, G, BBC, y
+    i64 stage(i64 u, i64 p) const { return p * (m * subs + 1) + u; }  // the state before sub-chunk u in path
     i64 max_width() const {
         i64 w = 0;
         for (i64 l = 0; l <= depth; ++l) w = widths[l] > w ? widths[l] : w;
@@ -295,7 +300,7 @@ struct Forward {
     T* const* end;         // not recording: [P, 2 R, C] state after the last sub-chunk
 
     void run(i64 lo, i64 hi) const {
-        const i64 L = d.depth, c = d.c, s = d.subs, r = c / s, P = d.pairs;
+        const i64 L = d.depth, c = d.c, s = d.subs, r = c / s;
         Scratch<T> w(d);
         std::vector<std::vector<T>> z_own(L), d_own(L), now(L), next(L);  // reading mode's per-chunk values
         for (i64 l = 0; l < L; ++l) {
@@ -309,15 +314,15 @@ struct Forward {
         for (i64 p = lo; p < hi; ++p) {
             for (i64 l = 0; l < L; ++l) {
                 const i64 size = 2 * d.numel(l);
-                std::memcpy(path ? path[l] + p * size : now[l].data(), start[l] + p * size, size * sizeof(T));
+                std::memcpy(path ? path[l] + d.stage(0, p) * size : now[l].data(), start[l] + p * size, size * sizeof(T));
             }
             for (i64 i = 0; i < d.m; ++i) {
-                const i64 row = i * P + p;
+                const i64 row = d.row(i, p);
                 for (i64 l = 0; l < L; ++l) {
                     const i64 cells = c * d.cols(l);
                     zl[l] = l + 1 == L ? nullptr : path ? zs[l] + row * cells : z_own[l].data();
                     dl[l] = path ? ds[l] + row * cells : d_own[l].data();
-                    const T* chunk_start = path ? path[l] + (i * s * P + p) * 2 * d.numel(l) : now[l].data();
+                    const T* chunk_start = path ? path[l] + d.stage(i * s, p) * 2 * d.numel(l) : now[l].data();
                     at[l] = i ? chunk_start : anchor[l] + p * d.numel(l);
                 }
                 keys_at_anchor(w, at, h, zl, dl, row);
@@ -325,15 +330,15 @@ struct Forward {
                     const i64 u = i * s + j;
                     for (i64 l = 0; l < L; ++l) {
                         const i64 size = 2 * d.numel(l);
-                        before[l] = path ? path[l] + (u * P + p) * size : now[l].data();
-                        after[l] = path ? path[l] + ((u + 1) * P + p) * size : next[l].data();
+                        before[l] = path ? path[l] + d.stage(u, p) * size : now[l].data();
+                        after[l] = path ? path[l] + d.stage(u + 1, p) * size : next[l].data();
                     }
                     read(w, before, h, dl, u, p, j * r);
                     // (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d)
                     for (i64 l = 0; l < L; ++l) {
                         const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
-                        mix_state(mix + (u * P + p) * 4, before[l], after[l], n);
-                        scaled_rows(h[l] + j * r * R, write + (u * P + p) * 2 * r, w.hw.data(), w.hs.data(), r, R);
+                        mix_state(mix + d.unit(u, p) * 4, before[l], after[l], n);
+                        scaled_rows(h[l] + j * r * R, write + d.unit(u, p) * 2 * r, w.hw.data(), w.hs.data(), r, R);
                         gemm(w.hw.data(), 1, R, dl[l] + j * r * C, after[l], R, r, C, T(-1), true);
                         gemm(w.hs.data(), 1, R, dl[l] + j * r * C, after[l] + n, R, r, C, T(-1), true);
                     }
@@ -374,7 +379,7 @@ struct Forward {
 
     void read(Scratch<T>& w, const std::vector<const T*>& before, const std::vector<const T*>& h,
               const std::vector<T*>& dl, i64 u, i64 p, i64 offset) const {
-        const i64 r = d.c / d.subs, at = u * d.pairs + p;
+        const i64 r = d.c / d.subs, at = d.unit(u, p);
         for (i64 l = 0; l < d.depth; ++l) {
             w.keys[l] = h[l] + offset * d.rows(l);
             w.signals[l] = dl[l] + offset * d.cols(l);
@@ -401,7 +406,7 @@ struct Backward {
     T* const* g_anchor;
 
     void run(i64 lo, i64 hi) const {
-        const i64 L = d.depth, c = d.c, s = d.subs, r = c / s, P = d.pairs;
+        const i64 L = d.depth, c = d.c, s = d.subs, r = c / s;
         Scratch<T> w(d);
         // what the chunk's reads send back: to the states before its sub-chunks, to the keys' h and d
         std::vector<std::vector<T>> read_state(L), read_h(L), read_d(L);
@@ -418,7 +423,7 @@ struct Backward {
         std::vector<T*> g_before(L), g_h(L), g_dd(L);
         for (i64 p = lo; p < hi; ++p)
             for (i64 i = d.m - 1; i >= 0; --i) {
-                const i64 row = i * P + p, first = i * s;
+                const i64 row = d.row(i, p), first = i * s;
                 for (i64 l = 0; l < L; ++l) {
                     const i64 n2 = 2 * d.numel(l);
                     T* last = g_after[l].data() + s * n2;
@@ -430,7 +435,7 @@ struct Backward {
                 auto state = [&](i64 l, i64 u) { return g_after[l].data() + (u - first + 1) * 2 * d.numel(l); };
                 auto incoming = [&](i64 l, i64 u) { return read_state[l].data() + (u - first) * 2 * d.numel(l); };
                 for (i64 l = 0; l < L; ++l)
-                    at[l] = i ? path[l] + (first * P + p) * 2 * d.numel(l) : anchor[l] + p * d.numel(l);
+                    at[l] = i ? path[l] + d.stage(first, p) * 2 * d.numel(l) : anchor[l] + p * d.numel(l);
                 h[0] = k + row * c * d.rows(0);
                 for (i64 l = 0; l + 1 < L; ++l) {  // h_{l+1} = silu(z_l), silu'(z_l), silu''(z_l)
                     const i64 cells = c * d.cols(l);
@@ -446,9 +451,9 @@ struct Backward {
                 }
                 // first the chunk's reads, recomputed sub-chunk by sub-chunk and taken back
                 for (i64 j = 0; j < s; ++j) {
-                    const i64 u = first + j, unit = u * P + p;
+                    const i64 u = first + j, unit = d.unit(u, p);
                     for (i64 l = 0; l < L; ++l) {
-                        before[l] = path[l] + unit * 2 * d.numel(l);
+                        before[l] = path[l] + d.stage(u, p) * 2 * d.numel(l);
                         hs[l] = h[l] + j * r * d.rows(l);
                         dd[l] = ds[l] + (row * c + j * r) * d.cols(l);
                         g_before[l] = read_state[l].data() + j * 2 * d.numel(l);
@@ -464,16 +469,16 @@ struct Backward {
                 // back through the mixing of all but the chunk's first sub-chunk
                 for (i64 l = 0; l < L; ++l)
                     for (i64 u = first + s - 1; u > first; --u)
-                        unmix_state(mix + (u * P + p) * 4, state(l, u), incoming(l, u),
-                                    path[l] + (u * P + p) * 2 * d.numel(l), state(l, u - 1),
-                                    g_mix + (u * P + p) * 4, d.numel(l));
+                        unmix_state(mix + d.unit(u, p) * 4, state(l, u), incoming(l, u),
+                                    path[l] + d.stage(u, p) * 2 * d.numel(l), state(l, u - 1),
+                                    g_mix + d.unit(u, p) * 4, d.numel(l));
                 // the writes subtract h_w^T d: the gradient of d
                 for (i64 l = 0; l < L; ++l) {
                     const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
                     std::memcpy(w.gd[l].data(), read_d[l].data(), c * C * sizeof(T));
                     for (i64 j = 0; j < s; ++j) {
                         const T* gx = state(l, first + j);
-                        scaled_rows(h[l] + j * r * R, write + ((first + j) * P + p) * 2 * r, w.hw.data(), w.hs.data(),
+                        scaled_rows(h[l] + j * r * R, write + d.unit(first + j, p) * 2 * r, w.hw.data(), w.hs.data(),
                                     r, R);
                         T* gdj = w.gd[l].data() + j * r * C;
                         gemm(w.hw.data(), R, 1, gx, gdj, r, R, C, T(-1), true);
@@ -510,8 +515,8 @@ struct Backward {
                     for (i64 j = 0; j < s; ++j) {
                         const i64 u = first + j;
                         const T* gx = state(l, u);
-                        const T* wj = write + (u * P + p) * 2 * r;
-                        T* gw = g_write + (u * P + p) * 2 * r;
+                        const T* wj = write + d.unit(u, p) * 2 * r;
+                        T* gw = g_write + d.unit(u, p) * 2 * r;
                         transpose(gx, w.gx_t.data(), R, C);
                         transpose(gx + n, w.gx_t.data() + n, R, C);
                         for (i64 part = 0; part < 2; ++part) {
@@ -538,8 +543,8 @@ struct Backward {
                 for (i64 l = 0; l < L; ++l) {
                     const i64 n = d.numel(l);
                     T* before = i ? state(l, first - 1) : g_states[l] + p * 2 * n;
-                    unmix_state(mix + (first * P + p) * 4, state(l, first), incoming(l, first),
-                                path[l] + (first * P + p) * 2 * n, before, g_mix + (first * P + p) * 4, n);
+                    unmix_state(mix + d.unit(first, p) * 4, state(l, first), incoming(l, first),
+                                path[l] + d.stage(first, p) * 2 * n, before, g_mix + d.unit(first, p) * 4, n);
                     if (i)
                         for (i64 x = 0; x < n; ++x) before[x] += w.ga[l][x];
                     else

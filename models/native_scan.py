@@ -96,10 +96,28 @@ def _pointers(tensors: list[Tensor] | tuple[Tensor, ...]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
-def _shape(states: list[Tensor], k: Tensor, write: Tensor) -> tuple[list[int], ctypes.Array]:
-    m, pairs, c, _ = k.shape
+def _dims(states: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, q: Tensor, G: Tensor, BBC: Tensor,
+          v: Tensor | None = None) -> tuple[list[int], ctypes.Array]:
+    """The loops' dimensions, once every tensor is checked to have the pairs-major shape that the C code
+    indexes by: another layout would be read out of bounds."""
+    pairs, m, c, _ = k.shape
+    units = write.shape[1]
+    subs = max(1, units // m)
+    r = c // subs
     widths = [s.shape[-2] // 2 for s in states] + [states[-1].shape[-1]]
-    return [len(states), m, write.shape[0] // m, pairs, c], (ctypes.c_int64 * len(widths))(*widths)
+    expected = {"write": (pairs, units, 2, 1, r), "mix": (pairs, units, 2, 2), "q": (pairs, units, r, widths[0]),
+                "G": (pairs, units, r, r), "BBC": (pairs, units, r, 2, 1)}
+    got = {"write": write, "mix": mix, "q": q, "G": G, "BBC": BBC}
+    if v is not None:
+        expected["v"], got["v"] = (pairs, m, c, widths[-1]), v
+    wrong = [f"{name} {tuple(got[name].shape)} (expected {shape})" for name, shape in expected.items()
+             if tuple(got[name].shape) != shape]
+    if units != m * subs or c != r * subs or k.shape[-1] != widths[0] or any(s.shape[0] != pairs for s in states):
+        wrong.append(f"k {tuple(k.shape)} against {units} sub-chunks and states {[tuple(s.shape) for s in states]}")
+    if wrong:
+        raise ValueError("compiled memory loops: tensors not in the pairs-major layout [B H, chunks, ...]: "
+                         + "; ".join(wrong))
+    return [len(states), m, subs, pairs, c], (ctypes.c_int64 * len(widths))(*widths)
 
 
 def _pointer(t: Tensor | None) -> ctypes.c_void_p:
@@ -120,7 +138,7 @@ def _forward(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, w
     """Recording: (path, zs, ds) to fill; else `end` to fill. The reads go to y either way."""
     anchor, states = [t.contiguous() for t in anchor], [t.contiguous() for t in states]
     path, zs, ds = (_pointers(x) for x in recording) if recording else (None, None, None)
-    dims, widths = _shape(states, k, write)
+    dims, widths = _dims(states, k, write, mix, q, G, BBC, v)
     fn = getattr(library(), f"scan_forward_{SUFFIX[k.dtype]}")
     fn(*_int(*dims), widths, _pointers(states), _pointers(anchor), *map(_pointer, (k, v, write, mix)), path, zs, ds,
        *map(_pointer, (q, G, BBC, y)), _pointers(end) if end else None, ctypes.c_int64(torch.get_num_threads()))
@@ -129,8 +147,9 @@ def _forward(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, w
 def scan_and_read(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
                   q: Tensor, G: Tensor, BBC: Tensor) -> tuple[Tensor, list[Tensor]]:
     """Inference: neural_memory.scan_keys with every sub-chunk's queries read from the running state as it
-    goes (the math of read_chunks), so that no state per sub-chunk is stored. q [m s, B H, r, d_0], G and BBC
-    the sub-chunks' coefficients. Returns the reads [m s, B H, r, d_L] and the end states."""
+    goes (the math of read_chunks), so that no state per sub-chunk is stored. Layouts are pairs major (see
+    native_scan.cpp): k, v [B H, m, c, d], q [B H, m s, r, d_0], G, BBC, write and mix per sub-chunk
+    [B H, m s, ...]. Returns the reads [B H, m s, r, d_L] and the end states."""
     k, v, write, mix, q, G, BBC = (t.contiguous() for t in (k, v, write, mix, q, G, BBC))
     y = q.new_empty(*q.shape[:-1], states[-1].shape[-1])
     end = [torch.empty_like(s) for s in states]
@@ -141,13 +160,14 @@ def scan_and_read(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tens
 def scan_and_read_recorded(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor,
                            mix: Tensor, q: Tensor, G: Tensor, BBC: Tensor) -> tuple[Tensor, list[Tensor], ...]:
     """Training: scan_and_read that also records what the backward needs, as neural_memory.scan_keys does:
-    the states before every sub-chunk and after the last, and the keys' z_l and d_l. Returns y, path, zs, ds."""
+    the states before every sub-chunk and after the last ([B H, m s + 1, 2 d_l, d_{l+1}]), and the keys' z_l
+    and d_l ([B H, m, c, d_{l+1}]). Returns y, path, zs, ds."""
     k, v, write, mix, q, G, BBC = (t.contiguous() for t in (k, v, write, mix, q, G, BBC))
-    m, pairs, c, _ = k.shape
-    subs = write.shape[0] // m
-    path = [s.new_empty(m * subs + 1, *s.shape) for s in states]
-    zs = [k.new_empty(m, pairs, c, s.shape[-1]) for s in states[:-1]]
-    ds = [k.new_empty(m, pairs, c, s.shape[-1]) for s in states]
+    pairs, m, c, _ = k.shape
+    subs = write.shape[1] // m
+    path = [s.new_empty(pairs, m * subs + 1, *s.shape[1:]) for s in states]
+    zs = [k.new_empty(pairs, m, c, s.shape[-1]) for s in states[:-1]]
+    ds = [k.new_empty(pairs, m, c, s.shape[-1]) for s in states]
     y = q.new_empty(*q.shape[:-1], states[-1].shape[-1])
     _forward(states, anchor, k, v, write, mix, q, G, BBC, y, (path, zs, ds), None)
     return y, path, zs, ds
@@ -162,12 +182,12 @@ def scan_and_read_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: 
     anchor = [t.contiguous() for t in anchor]
     k, write, mix, q, G, BBC = (t.contiguous() for t in (k, write, mix, q, G, BBC))
     g_y = g_y.contiguous()  # held in a name: a temporary's memory could be freed before the call reads it
-    dims, widths = _shape(path, k, write)
+    dims, widths = _dims(path, k, write, mix, q, G, BBC)
     g_end = [g.contiguous() for g in g_end]
     g_k, g_dout = torch.empty_like(k), torch.empty_like(ds[-1])
     g_write, g_mix = torch.zeros_like(write), torch.zeros_like(mix)
     g_q, g_G, g_BBC = torch.empty_like(q), torch.empty_like(G), torch.empty_like(BBC)
-    g_states = [torch.empty_like(p[0]) for p in path]
+    g_states = [torch.empty_like(p[:, 0]) for p in path]
     g_anchor = [torch.empty_like(a) for a in anchor]
     fn = getattr(library(), f"scan_backward_{SUFFIX[k.dtype]}")
     fn(*_int(*dims), widths, _pointers(anchor), *map(_pointer, (k, write, mix)), *map(_pointers, (path, zs, ds)),

@@ -438,7 +438,7 @@ class ScanRead(torch.autograd.Function):
         y, path, zs, ds = native_scan.scan_and_read_recorded(states, anchor, k, v, write, mix, q, G, BBC)
         ctx.depth = depth
         ctx.save_for_backward(*anchor, k, write, mix, q, G, BBC, *path, *zs, *ds)
-        return (y, *(p[-1] for p in path))
+        return (y, *(p[:, -1] for p in path))
 
     @staticmethod
     @once_differentiable
@@ -476,8 +476,9 @@ def chunked_scan(
     """The dual form over a call, in up to three groups of equal chunks: the rest of a chunk begun in an
     earlier call (anchored where it began), the whole chunks, then a trailing partial chunk. A chunk that is
     a multiple of `read_chunk` is read in sub-chunks of that size which share its anchor: the same result,
-    with c x c decay work per sub-chunk instead of per chunk. Batch and heads are merged into one dimension,
-    chunk-major, so that every per-chunk slice is a 3-d tensor for bmm."""
+    with c x c decay work per sub-chunk instead of per chunk. Batch and heads are merged into one dimension:
+    chunk-major for the torch loops, so that every per-chunk slice is a 3-d tensor for bmm, and pairs major
+    for the compiled loops, which is [B, H, N, d]'s own layout (no copies on the way in or out)."""
     batch, heads, n = q.shape[:3]
     depth, rows = len(weights), [w.shape[-2] for w in weights]
     first = min(n, chunk - offset) if offset else 0
@@ -491,32 +492,38 @@ def chunked_scan(
     anchor = [a.flatten(0, 1) for a in anchor]
     inference = not (torch.is_grad_enabled() and any(
         t.requires_grad for t in (*weights, *momentum, *anchor, q, k, v, log_eta, log_keep, theta)))
+    native = use_native(kernel, *states, *anchor, q, k, v, log_eta, log_keep, theta)
+
+    def per_unit(x: Tensor, units: int) -> Tensor:  # [B, H, units u, ...] -> [B H, units, u, ...], or chunk-major
+        x = x.flatten(0, 1).unflatten(1, (units, -1))
+        return x if native else x.transpose(0, 1)
+
     ys, start = [], 0
     for i, (size, count) in enumerate(groups):
         continued = (offset + start) % chunk != 0
         subs = size // read_chunk if size > read_chunk and size % read_chunk == 0 else 1
-        co = coefficients(kernel, *(g[i].unflatten(-1, (count * subs, -1)).movedim(2, 0).flatten(1, 2) for g in gates))
-        kc, vc = (p[i].unflatten(-2, (count, size)).movedim(2, 0).flatten(1, 2) for p in pieces[1:])  # [m, B H, c, dh]
+        co = coefficients(kernel, *(per_unit(g[i], count * subs) for g in gates))
+        kc, vc = (per_unit(p[i], count) for p in pieces[1:])  # [B H, m, c, dh] or [m, B H, c, dh]
         # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
         anchor = anchor if continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]
-        qc = pieces[0][i].unflatten(-2, (count * subs, -1)).movedim(2, 0).flatten(1, 2)  # [m s, B H, r, dh]
+        qc = per_unit(pieces[0][i], count * subs)  # [B H, m s, r, dh] or [m s, B H, r, dh]
         keys = (*states, *anchor, kc, vc, co["write"], co["mix"])
-        if not use_native(kernel, *keys, qc, co["G"], co["BBC"]):
+        if not native:
             out = KeyScan.apply(depth, *keys)
             path, states = out[:depth], out[depth : 2 * depth]
             zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
             hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
-            y = read_chunks(path, hs, ds, qc, co)
+            y = read_chunks(path, hs, ds, qc, co).transpose(0, 1)
         elif inference:  # reads as it scans and stores no path
             y, states = native_scan.scan_and_read(states, anchor, kc, vc, co["write"], co["mix"], qc, co["G"],
                                                   co["BBC"])
         else:
             y, *states = ScanRead.apply(depth, *keys, qc, co["G"], co["BBC"])
-        ys.append(y.unflatten(1, (batch, heads)).movedim(0, 2).flatten(2, 3))
+        ys.append(y.unflatten(0, (batch, heads)).flatten(2, 3))  # a view for the compiled loops' layout
         start += size * count
     weights, momentum = ([s[:, r:] if part else s[:, :r] for s, r in zip(states, rows, strict=True)] for part in (0, 1))
     weights, momentum, anchor = ([t.unflatten(0, (batch, heads)) for t in ts] for ts in (weights, momentum, anchor))
-    return torch.cat(ys, dim=-2), weights, momentum, anchor
+    return torch.cat(ys, dim=-2) if len(ys) > 1 else ys[0], weights, momentum, anchor
 
 
 # ----------------------------------------------------------------------------------------------------------

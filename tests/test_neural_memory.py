@@ -215,6 +215,18 @@ def scan_case(dtype, pairs=6, chunks=3, c=8, subs=2, widths=(8, 16, 32, 8), seed
     return states, anchor, k, v, write, mix, q, G, BBC
 
 
+def pairs_major(tensors):
+    """scan_case's chunk-major tensors (the torch loops' layout) as views in the compiled loops' layout, pairs
+    first; the states and anchors, one per pair, are the same in both."""
+    return [t.transpose(0, 1) if i >= len(tensors) - 7 else t for i, t in enumerate(tensors)]
+
+
+def compiled_scan_and_read(depth, *tensors):
+    """ScanRead on scan_case's layout: what torch_scan_and_read returns, from the compiled loops."""
+    y, *end = ScanRead.apply(depth, *pairs_major(tensors))
+    return (y.transpose(0, 1), *end)
+
+
 def torch_scan_and_read(depth, *tensors):
     """The torch loops' composition that ScanRead computes in one pass: the reads and the end states."""
     out = KeyScan.apply(depth, *tensors[: 2 * depth + 4])
@@ -243,11 +255,12 @@ def test_compiled_scan_and_reads_equal_the_torch_loops_forward_and_backward(dtyp
         loss = outs[0].sum() + sum((o * p).sum() for o, p in zip(outs[1:], probes, strict=True))
         return outs, torch.autograd.grad(loss, leaves)
 
-    (expected, expected_grads), (got, got_grads) = run(torch_scan_and_read), run(ScanRead.apply)
+    (expected, expected_grads), (got, got_grads) = run(torch_scan_and_read), run(compiled_scan_and_read)
     for e, a in zip((*expected, *expected_grads), (*got, *got_grads), strict=True):
         assert torch.isfinite(e).all() and rel_err(a, e) < tol
-    y, end = native_scan.scan_and_read(*case)  # inference: the same reads without recording
-    assert rel_err(y, expected[0]) < tol and all(rel_err(a, e) < tol for a, e in zip(end, expected[1:], strict=True))
+    y, end = native_scan.scan_and_read(*pairs_major(case))  # inference: the same reads without recording
+    assert rel_err(y.transpose(0, 1), expected[0]) < tol
+    assert all(rel_err(a, e) < tol for a, e in zip(end, expected[1:], strict=True))
 
 
 @needs_native
@@ -322,8 +335,9 @@ def test_compiled_conv_norms_and_output_gate_equal_the_torch_ops_forward_and_bac
 @needs_native
 def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
     # six (batch, head) pairs over 1, 4 and 6 threads: uneven shares, every pair computed exactly once
-    case = scan_case(torch.float64)
-    states, anchor, k, v, write, mix, q, G, BBC = case
+    states, anchor, *rest = pairs_major(scan_case(torch.float64))
+    case = [states, anchor, *(t.contiguous() for t in rest)]
+    k, v, write, mix, q, G, BBC = case[2:]
     threads = torch.get_num_threads()
     results = []
     try:
@@ -331,7 +345,7 @@ def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
             torch.set_num_threads(n)
             y, path, zs, ds = native_scan.scan_and_read_recorded(*case)
             grads = native_scan.scan_and_read_backward(anchor, k, write, mix, path, zs, ds, q, G, BBC,
-                                                       torch.ones_like(y), [p[-1] for p in path])
+                                                       torch.ones_like(y), [p[:, -1] for p in path])
             flat = [y, *path, *zs, *ds, *itertools.chain(*(g if isinstance(g, list) else [g] for g in grads))]
             results.append(torch.cat([t.flatten() for t in flat]))
     finally:
@@ -340,8 +354,15 @@ def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
 
 
 @needs_native
+def test_compiled_loops_refuse_tensors_in_another_layout_instead_of_reading_out_of_bounds():
+    with pytest.raises(ValueError, match=r"pairs-major layout .*write \(6, 12, 2, 1, 4\) \(expected \(3, 12"):
+        native_scan.scan_and_read(*scan_case(torch.float32, pairs=12, chunks=3))  # chunk-major: [m, P, ...]
+
+
+@needs_native
 def test_compiled_loops_leave_the_callers_subnormal_handling_alone():
-    native_scan.scan_and_read(*scan_case(torch.float32))  # flushes subnormals inside, on its own threads only
+    # flushes subnormals inside, on its own threads only
+    native_scan.scan_and_read(*pairs_major(scan_case(torch.float32)))
     tiny = torch.tensor([1e-39], dtype=torch.float32)
     assert (tiny * 1.5).item() > 0
 
