@@ -32,8 +32,8 @@ from models import native_scan
 from models.neural_memory import KERNELS, MemoryConfig, NeuralMemory
 
 ANCHORED = "titans-pytorch/anchored"
-# titans-pytorch anchored concatenates each chunk's weights onto all earlier ones, allocation quadratic in n; at
-# n = 16K, chunk 16 it ran a 24 GB machine out of memory, so it is measured up to this length only
+# titans-pytorch anchored concatenates each chunk's weights onto all earlier ones (bytes allocated quadratic in
+# n); at n = 16K, chunk 16 it ran a 24 GB machine out of memory, so it is measured up to this length only
 ANCHORED_MAX_N = 4096
 
 

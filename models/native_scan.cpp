@@ -292,11 +292,11 @@ struct Forward {
     const T* const* start;  // [P, 2 R, C] state before the first sub-chunk
     const T* const* anchor;
     const T *k, *v, *write, *mix;
-    T* const* path;  // recording: [m s + 1, P, 2 R, C]; else null
-    T* const* zs;    // recording: [m, P, c, C] for hidden layers
+    T* const* path;  // recording: [P, m s + 1, 2 R, C]; else null
+    T* const* zs;    // recording: [P, m, c, C] for hidden layers
     T* const* ds;
-    const T *q, *G, *BBC;  // [m s, P, r, d_0], [m s, P, r, r], [m s, P, r, 2]
-    T* y;                  // [m s, P, r, d_L]
+    const T *q, *G, *BBC;  // [P, m s, r, d_0], [P, m s, r, r], [P, m s, r, 2]
+    T* y;                  // [P, m s, r, d_L]
     T* const* end;         // not recording: [P, 2 R, C] state after the last sub-chunk
 
     void run(i64 lo, i64 hi) const {
@@ -314,7 +314,8 @@ struct Forward {
         for (i64 p = lo; p < hi; ++p) {
             for (i64 l = 0; l < L; ++l) {
                 const i64 size = 2 * d.numel(l);
-                std::memcpy(path ? path[l] + d.stage(0, p) * size : now[l].data(), start[l] + p * size, size * sizeof(T));
+                T* first = path ? path[l] + d.stage(0, p) * size : now[l].data();
+                std::memcpy(first, start[l] + p * size, size * sizeof(T));
             }
             for (i64 i = 0; i < d.m; ++i) {
                 const i64 row = d.row(i, p);
@@ -397,10 +398,10 @@ struct Backward {
     const T* const* path;
     const T* const* zs;
     const T* const* ds;
-    const T *q, *G, *BBC, *g_y;  // the reads: [m s, P, r, d_0], [m s, P, r, r], [m s, P, r, 2], [m s, P, r, d_L]
+    const T *q, *G, *BBC, *g_y;  // the reads: [P, m s, r, d_0], [P, m s, r, r], [P, m s, r, 2], [P, m s, r, d_L]
     const T* const* g_end;  // [P, 2 R, C] gradient at the end state
-    T *g_k, *g_dout;    // [m, P, c, d_0] and [m, P, c, d_L] (the gradient of M(k) - v)
-    T *g_write, *g_mix;  // [m s, P, 2, r] and [m s, P, 2, 2], zero-filled
+    T *g_k, *g_dout;    // [P, m, c, d_0] and [P, m, c, d_L] (the gradient of M(k) - v)
+    T *g_write, *g_mix;  // [P, m s, 2, r] and [P, m s, 2, 2], zero-filled
     T *g_q, *g_G, *g_BBC;  // laid out like q, G and BBC
     T* const* g_states;
     T* const* g_anchor;
@@ -504,7 +505,8 @@ struct Backward {
                 std::memcpy(g_dout + row * out_cells, w.gd[L - 1].data(), out_cells * sizeof(T));
                 // and through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l), down to k.
                 // On the way, with g_hw = gx d^T per sub-chunk (the gradient of the written layer inputs, negated),
-                // the gradients of the write scales and of the keys' layer inputs: g_h = g_z A^T - w_t g_hw_W - w'_t g_hw_S
+                // the gradients of the write scales and of the keys' layer inputs:
+                // g_h = g_z A^T - w_t g_hw_W - w'_t g_hw_S
                 for (i64 l = L - 1; l >= 0; --l) {
                     const i64 R = d.rows(l), C = d.cols(l), n = d.numel(l);
                     gemm(h[l], 1, R, w.gz[l].data(), w.ga[l].data(), R, c, C, T(1), l != 0);

@@ -105,19 +105,25 @@ def _dims(states: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, q: Tensor
     subs = max(1, units // m)
     r = c // subs
     widths = [s.shape[-2] // 2 for s in states] + [states[-1].shape[-1]]
-    expected = {"write": (pairs, units, 2, 1, r), "mix": (pairs, units, 2, 2), "q": (pairs, units, r, widths[0]),
-                "G": (pairs, units, r, r), "BBC": (pairs, units, r, 2, 1)}
-    got = {"write": write, "mix": mix, "q": q, "G": G, "BBC": BBC}
+    expected = {"write": (write, (pairs, units, 2, 1, r)), "mix": (mix, (pairs, units, 2, 2)),
+                "q": (q, (pairs, units, r, widths[0])), "G": (G, (pairs, units, r, r)),
+                "BBC": (BBC, (pairs, units, r, 2, 1))}
     if v is not None:
-        expected["v"], got["v"] = (pairs, m, c, widths[-1]), v
-    wrong = [f"{name} {tuple(got[name].shape)} (expected {shape})" for name, shape in expected.items()
-             if tuple(got[name].shape) != shape]
-    if units != m * subs or c != r * subs or k.shape[-1] != widths[0] or any(s.shape[0] != pairs for s in states):
-        wrong.append(f"k {tuple(k.shape)} against {units} sub-chunks and states {[tuple(s.shape) for s in states]}")
-    if wrong:
-        raise ValueError("compiled memory loops: tensors not in the pairs-major layout [B H, chunks, ...]: "
-                         + "; ".join(wrong))
+        expected["v"] = (v, (pairs, m, c, widths[-1]))
+    consistent = (units == m * subs and c == r * subs and k.shape[-1] == widths[0]
+                  and all(s.shape[0] == pairs for s in states))
+    _check_shapes("compiled memory loops: tensors not in the pairs-major layout [B H, chunks, ...]", expected,
+                  [] if consistent else [f"k {tuple(k.shape)} against {units} sub-chunks and states "
+                                         f"{[tuple(s.shape) for s in states]}"])
     return [len(states), m, subs, pairs, c], (ctypes.c_int64 * len(widths))(*widths)
+
+
+def _check_shapes(what: str, expected: dict[str, tuple[Tensor, tuple[int, ...]]], wrong: list[str] = ()) -> None:
+    """Refuses tensors of other shapes than the C code indexes by, which it would read out of bounds."""
+    wrong = [*wrong, *(f"{name} {tuple(t.shape)} (expected {shape})" for name, (t, shape) in expected.items()
+                       if tuple(t.shape) != shape)]
+    if wrong:
+        raise ValueError(f"{what}: " + "; ".join(wrong))
 
 
 def _pointer(t: Tensor | None) -> ctypes.c_void_p:
@@ -225,11 +231,14 @@ def conv_activate_normalise(tail: Tensor, p: Tensor, weight: Tensor, bias: Tenso
                             heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """NeuralMemory.project's pointwise part: the causal depthwise conv over (tail; p) [B, K - 1 + N, 3 H dh],
     SiLU, the split into heads and the L2 norm of q and k. Returns q, k, v [B, H, N, dh]. All contiguous."""
-    batch, n, channels = p.shape
+    (batch, n, channels), kernel = p.shape, weight.shape[0]
     dh = channels // (3 * heads)
+    _check_shapes("compiled conv and norms", {
+        "p": (p, (batch, n, 3 * heads * dh)), "weight": (weight, (kernel, channels)),
+        "tail": (tail, (batch, kernel - 1, channels)), "bias": (bias, (channels,))})
     out = [p.new_empty(batch, heads, n, dh) for _ in range(3)]
     fn = getattr(library(), f"conv_activate_normalise_{SUFFIX[p.dtype]}")
-    fn(*_int(batch, n, heads, dh, weight.shape[0]), *map(_pointer, (tail, p, weight, bias)), _pointers(out),
+    fn(*_int(batch, n, heads, dh, kernel), *map(_pointer, (tail, p, weight, bias)), _pointers(out),
        ctypes.c_int64(torch.get_num_threads()))
     return tuple(out)
 
@@ -253,6 +262,8 @@ def norm_gate(y: Tensor, weight: Tensor, logits: Tensor, eps: float) -> Tensor:
     """NeuralMemory.finish's pointwise part: each head's read y [B, H, N, dh] RMS-normed with `weight`, laid out
     tokens major and gated by sigmoid(logits) [B, N, H dh]. All contiguous."""
     batch, heads, n, dh = y.shape
+    _check_shapes("compiled output norm and gate", {"weight": (weight, (dh,)),
+                                                    "logits": (logits, (batch, n, heads * dh))})
     out = torch.empty_like(logits)
     fn = getattr(library(), f"norm_gate_{SUFFIX[y.dtype]}")
     fn(*_int(batch, n, heads, dh), _float(y.dtype, eps), *map(_pointer, (y, weight, logits, out)),

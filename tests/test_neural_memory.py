@@ -354,9 +354,14 @@ def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
 
 
 @needs_native
-def test_compiled_loops_refuse_tensors_in_another_layout_instead_of_reading_out_of_bounds():
+def test_compiled_code_refuses_tensors_of_other_shapes_instead_of_reading_out_of_bounds():
     with pytest.raises(ValueError, match=r"pairs-major layout .*write \(6, 12, 2, 1, 4\) \(expected \(3, 12"):
         native_scan.scan_and_read(*scan_case(torch.float32, pairs=12, chunks=3))  # chunk-major: [m, P, ...]
+    with pytest.raises(ValueError, match=r"conv and norms: weight \(4, 70\) \(expected \(4, 72\)\)"):
+        native_scan.conv_activate_normalise(torch.zeros(2, 3, 72), torch.zeros(2, 5, 72), torch.zeros(4, 70),
+                                            torch.zeros(72), 3)
+    with pytest.raises(ValueError, match=r"norm and gate: logits \(2, 5, 16\) \(expected \(2, 5, 24\)\)"):
+        native_scan.norm_gate(torch.zeros(2, 3, 5, 8), torch.ones(8), torch.zeros(2, 5, 16), 1e-6)
 
 
 @needs_native
