@@ -11,9 +11,11 @@ from models import native_scan
 from models.neural_memory import (
     NO_MOMENTUM_LOG,
     CausalDepthwiseConv,
+    ConvActivateNormalise,
     KeyScan,
     MemoryConfig,
     NeuralMemory,
+    NormGate,
     ScanRead,
     ShiftedProducts,
     chunk_coefficients,
@@ -330,6 +332,17 @@ def test_compiled_conv_norms_and_output_gate_equal_the_torch_ops_forward_and_bac
     assert results[0][0][:, 1].abs().max() == 0  # the zero head
     for e, a in zip(*results, strict=True):
         assert torch.isfinite(e).all() and (e.numel() == 0 or rel_err(a, e) < tol)
+
+
+@needs_native
+def test_compiled_conv_norms_and_output_gate_pass_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    tail, p, weight, bias = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                             for shape in ((2, 2, 12), (2, 5, 12), (3, 12), (12,)))
+    assert torch.autograd.gradcheck(lambda *t: ConvActivateNormalise.apply(*t, 2), (tail, p, weight, bias))
+    y, weight, logits = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                         for shape in ((2, 2, 5, 3), (3,), (2, 5, 6)))
+    assert torch.autograd.gradcheck(lambda *t: NormGate.apply(*t, 1e-6), (y, weight, logits))
 
 
 @needs_native
