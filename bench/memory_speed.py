@@ -106,6 +106,24 @@ def measure_cell(layers: dict[str, torch.nn.Module], batch: int, n: int, dim: in
             for name in layers}
 
 
+def breakdown(layer: torch.nn.Module, batch: int, n: int, dim: int, rows: int = 12) -> tuple[float, list]:
+    """Where one training step's time goes: torch.profiler's self CPU time per operator (autograd Functions such
+    as the compiled scan count as one), after a warm-up step. Returns the total in ms and the largest rows as
+    (name, ms)."""
+    x = torch.randn(batch, n, dim, requires_grad=True)
+
+    def step():
+        layer(x).square().mean().backward()
+        layer.zero_grad(set_to_none=True)
+
+    step()
+    with torch.profiler.profile() as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return sum(e.self_cpu_time_total for e in events) / 1e3, [(e.key, e.self_cpu_time_total / 1e3)
+                                                              for e in events[:rows]]
+
+
 def verdicts(results: dict[tuple[str, int, int], dict[str, float]]) -> list[str]:
     """The issue's targets, judged on this run's numbers, one line per chunk size and target; then, where it
     was measured, how ours compares with titans-pytorch anchored per chunk (the same gradient rule)."""
@@ -146,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--kernel", default="auto", choices=KERNELS, help="our memory kernel (see MemoryConfig)")
     p.add_argument("--titans-pytorch", action="store_true", help="also measure titans-pytorch's NeuralMemory")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print where one training step of ours goes (torch.profiler), per chunk at the longest n")
     p.add_argument("--anchored", action="store_true",
                    help=f"also measure {ANCHORED}: titans-pytorch with batch_size = chunk, the paper's gradient rule "
                         f"(slow: its chunks run one by one in Python; up to n = {ANCHORED_MAX_N}, see ANCHORED_MAX_N)")
@@ -174,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     for line in verdicts(results):
         print(line)
+    if args.breakdown:
+        n = max(int(v) for v in args.lengths.split(","))
+        for chunk in (int(c) for c in args.chunks.split(",")):
+            total, top = breakdown(ours(args.dim, args.heads, args.depth, chunk, args.kernel), args.batch, n, args.dim)
+            print(f"training step of ours, chunk {chunk}, n={n}: {total:.0f} ms of operator time (torch.profiler), "
+                  "largest:")
+            for name, ms in top:
+                print(f"  {name[:60]:<60} {ms:>8.1f} ms {100 * ms / total:>5.1f}%")
     return 0
 
 

@@ -4,7 +4,7 @@ targets live in `python -m bench.memory_speed`, never in unit-test assertions.""
 import pytest
 import torch
 
-from bench.memory_speed import main, matmul_peak_gflops, measure_cell, ours, verdicts
+from bench.memory_speed import breakdown, main, matmul_peak_gflops, measure_cell, ours, verdicts
 from models import native_scan
 
 
@@ -29,12 +29,20 @@ def test_memory_layer_speed(benchmark, chunk, mode, kernel):
 
 
 def test_speed_script_reports_tokens_per_second_and_flop_rate(capsys):
-    assert main(["--lengths", "256", "--chunks", "16", "--repeats", "1", "--threads", "1"]) == 0
+    assert main(["--lengths", "256", "--chunks", "16", "--repeats", "1", "--threads", "1", "--breakdown"]) == 0
     out = capsys.readouterr().out
     assert "matmul peak" in out and "ours" in out and "fwd GFLOP " in out
+    assert "training step of ours, chunk 16, n=256" in out
     r = measure_cell({"ours": ours(64, 4, 2, 16)}, 2, 256, 64, 1)["ours"]
     assert r["fwd_tok_s"] > 0 and r["train_tok_s"] > 0 and 0 < r["fwd_gflops"] < 10 * matmul_peak_gflops(256, 3)
     assert r["fwd_gflop"] == pytest.approx(r["fwd_gflops"] * 2 * 256 / r["fwd_tok_s"])  # work = rate x time
+
+
+def test_breakdown_shares_out_a_training_step_over_its_operators():
+    total, top = breakdown(ours(64, 4, 2, 16, kernel="torch"), 2, 64, 64)
+    names = [name for name, _ in top]
+    assert "KeyScanBackward" in names and "aten::mm" in names  # the torch loops' backward, the projections
+    assert 0 < sum(ms for _, ms in top) <= total
 
 
 def test_verdicts_judge_each_target_from_the_measured_numbers():
