@@ -206,8 +206,9 @@ class Coefficients(torch.autograd.Function):
         return native_scan.coefficients_backward(*ctx.saved_tensors, grads)
 
 
-def coefficients(kernel: str, log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
-    if not use_native(kernel, log_eta, log_keep, theta):
+def coefficients(native: bool, log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
+    """chunk_coefficients, compiled when the scan that uses them is (`native`, decided once by chunked_scan)."""
+    if not native:
         return chunk_coefficients(log_eta, log_keep, theta)
     return dict(zip(("G", "BBC", "mix", "write"), Coefficients.apply(log_eta, log_keep, theta), strict=True))
 
@@ -225,8 +226,8 @@ def one_thread():
 
 
 def use_native(kernel: str, *tensors: Tensor) -> bool:
-    """Whether the scan and the reads run compiled. Under a dispatch mode (FlopCounterMode, fake tensors) the
-    torch loops run instead, so that the mode sees every product: the compiled loops are invisible to it."""
+    """Whether a piece of the layer runs compiled for these tensors. Under a dispatch mode (FlopCounterMode, fake
+    tensors) the torch ops run instead, so that the mode sees every product: the compiled code is invisible to it."""
     if kernel == "torch" or _get_current_dispatch_mode() is not None:
         return False
     usable = native_scan.usable(*tensors)
@@ -502,7 +503,7 @@ def chunked_scan(
     for i, (size, count) in enumerate(groups):
         continued = (offset + start) % chunk != 0
         subs = size // read_chunk if size > read_chunk and size % read_chunk == 0 else 1
-        co = coefficients(kernel, *(per_unit(g[i], count * subs) for g in gates))
+        co = coefficients(native, *(per_unit(g[i], count * subs) for g in gates))
         kc, vc = (per_unit(p[i], count) for p in pieces[1:])  # [B H, m, c, dh] or [m, B H, c, dh]
         # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
         anchor = anchor if continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]

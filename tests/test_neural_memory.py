@@ -278,7 +278,7 @@ def test_compiled_gate_coefficients_and_their_backward_equal_chunk_coefficients(
     theta = 0.2 * torch.sigmoid(torch.randn(5, 3, 16, generator=g, dtype=torch.float64))
     gates = [t.requires_grad_(True) for t in (log_eta, log_keep, theta)]
     expected = chunk_coefficients(*gates)
-    got = coefficients("native", *gates)
+    got = coefficients(True, *gates)
     probes = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in expected.items()}
 
     def grads(co):
