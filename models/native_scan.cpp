@@ -13,6 +13,7 @@
 //   k [P, m, c, d_0], v [P, m, c, d_L], zs[l] / ds[l] [P, m, c, C]  (zs only for hidden layers)
 //   write      [P, m s, 2, r]        per-token scales of the weight and the momentum write
 //   mix        [P, m s, 2, 2]        (W, S) -> (mix00 W + mix01 S, mix10 W + mix11 S)
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -128,10 +129,14 @@ void scaled_rows(const T* __restrict h, const T* __restrict w, T* __restrict hw,
         }
 }
 
-// sigmoid over a contiguous run, in its own loop so that the compiler can call a vector exp
+// sigmoid over a contiguous run, in its own loop so that the compiler can call a vector exp. The exponent is
+// capped below overflow: under -ffast-math a vectorised float division is a reciprocal estimate refined by one
+// Newton step, x (2 - a x), which turns 1 / inf into 0 * (2 - inf * 0) = NaN. At the cap the result is below
+// 1e-34 (float) or 1e-304 (double) instead of a smaller positive number: sigmoid itself is unchanged.
 template <typename T>
 void sigmoid(const T* __restrict z, T* __restrict out, i64 count) {
-    for (i64 x = 0; x < count; ++x) out[x] = T(1) / (T(1) + std::exp(-z[x]));
+    constexpr T cap = sizeof(T) == 4 ? T(80) : T(700);
+    for (i64 x = 0; x < count; ++x) out[x] = T(1) / (T(1) + std::exp(std::min(-z[x], cap)));
 }
 
 // (W, S) -> mix (W, S)
