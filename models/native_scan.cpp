@@ -28,6 +28,16 @@ namespace {
 
 using i64 = int64_t;
 
+// the widest vector registers the build targets: generic vectors wider than that are lowered piecewise by the
+// compiler, which on AVX2 machines ran the products several times slower than registers of the native width
+#if defined(__AVX512F__)
+constexpr int VECTOR_BYTES = 64;
+#elif defined(__AVX__)
+constexpr int VECTOR_BYTES = 32;
+#else
+constexpr int VECTOR_BYTES = 16;
+#endif
+
 struct Dims {
     i64 depth, m, subs, pairs, c;
     const i64* widths;  // d_0 .. d_L
@@ -52,7 +62,7 @@ struct Dims {
 template <typename T, int N, int B>
 inline void gemm_rows(const T* __restrict x, i64 rs, i64 cs, const T* __restrict w, T* __restrict out, i64 inner,
                       T alpha, bool accumulate) {
-    constexpr int lanes = N * sizeof(T) >= 64 ? 64 / sizeof(T) : N;
+    constexpr int lanes = N * sizeof(T) >= VECTOR_BYTES ? VECTOR_BYTES / sizeof(T) : N;
     constexpr int V = N / lanes;
     typedef T vec __attribute__((vector_size(lanes * sizeof(T)), aligned(sizeof(T))));  // unaligned loads
     vec acc[B][V] = {};
