@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench import accuracy  # noqa: E402
 from bench.scaling import fit_power  # noqa: E402
 
 SCALING_METRICS = {
@@ -75,20 +77,109 @@ def niah_heatmap(frame: pd.DataFrame, model: str, out: Path) -> Path | None:
     return _save(fig, out / f"niah_heatmap_{model}.png")
 
 
-def accuracy_vs_length(frame: pd.DataFrame, task: str, out: Path) -> Path | None:
-    rows = frame[(frame["task"] == task) & (frame["metric"] == "exact_match") & (frame["status"] == "ok")]
+def recall_vs_length(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
+    """Per variant of an accuracy task: the headline against length, a line per model (mean over seeds), the seed
+    range shaded (the Wilson interval with one seed), the training length marked."""
+    metric = accuracy.headline(task)
+    if metric is None or not accuracy.higher_is_better(metric):
+        return []
+    summary = accuracy.summary(frame, task)
+    made = []
+    for variant, rows in summary.groupby("variant"):
+        fig, ax = plt.subplots(figsize=(7.2, 4.4))
+        for model, g in rows.groupby("model"):
+            g = g.sort_values("n")
+            seeds = int(g["seeds"].max())
+            (line,) = ax.plot(g["n"], g["value"], "o-", label=f"{model} ({seeds} seed{'s' if seeds > 1 else ''})")
+            ax.fill_between(g["n"], g["low"], g["high"], color=line.get_color(), alpha=0.18, lw=0)
+        trained = accuracy.trained_length(frame[(frame["task"] == task) & (frame["variant"] == variant)])
+        if not np.isnan(trained):
+            ax.axvline(trained, color="grey", ls="--", lw=1)
+            ax.annotate("trained up to here", (trained, 0.02), fontsize=7, color="grey", rotation=90, ha="right")
+        ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="sequence length n" if task != "copy" else "copied tokens n",
+               ylabel=f"{metric.replace('_', ' ')} (mean over seeds; band: seed range)",
+               title=f"{variant}: {metric.replace('_', ' ')} vs length")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        made.append(_save(fig, out / f"recall_vs_length_{task}_{variant.replace('/', '-')}.png"))
+    return made
+
+
+def pairs_heatmap(frame: pd.DataFrame, model: str, out: Path) -> Path | None:
+    """Recall over the (pairs x length) grid of a task that sweeps pairs, mean over seeds."""
+    rows = frame[(frame["model"] == model) & (frame["metric"] == "query_accuracy") & (frame["status"] == "ok")]
+    if rows.empty or rows["pairs"].isna().all():
+        return None
+    grid = rows.pivot_table(index="pairs", columns="n", values="value", aggfunc="mean").sort_index(ascending=False)
+    fig, ax = plt.subplots(figsize=(1.1 * grid.shape[1] + 2.5, 0.5 * grid.shape[0] + 1.8))
+    im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [f"{int(n)}" for n in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [f"{int(p)}" for p in grid.index])
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid.values[i, j]):
+                ax.text(j, i, f"{grid.values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    seeds = rows["seed"].nunique()
+    trained = accuracy.trained_length(rows)
+    note = f", trained up to n={int(trained)}" if not np.isnan(trained) else ""
+    ax.set(xlabel="sequence length n", ylabel="key-value pairs",
+           title=f"MQAR query accuracy — {model} ({seeds} seed{'s' if seeds > 1 else ''}{note})")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    return _save(fig, out / f"mqar_grid_{model}.png")
+
+
+def recall_by_distance(frame: pd.DataFrame, out: Path) -> Path | None:
+    """Query accuracy against the distance from a key to its query (power-of-two bins), pooled over the grid and
+    the seeds, a line per model."""
+    rows = frame[(frame["metric"] == "query_accuracy_by_distance") & (frame["status"] == "ok")].copy()
     if rows.empty:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for model, group in rows.groupby("model"):
-        g = group.groupby("n").agg(value=("value", "mean"), lo=("ci_low", "mean"), hi=("ci_high", "mean"))
-        yerr = [(g["value"] - g["lo"]).clip(lower=0), (g["hi"] - g["value"]).clip(lower=0)]
-        ax.errorbar(g.index, g["value"], yerr=yerr, marker="o", capsize=3, label=model)
-    ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="length n" + (" (copied tokens)" if task == "copy" else ""),
-           ylabel="exact match (95 % Wilson CI)", title=f"{task}: accuracy vs length")
+    rows["samples"] = accuracy.extra_field(rows, "samples").fillna(0)
+    rows["hits"] = rows["value"] * rows["samples"]
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    for model, g in rows.groupby("model"):
+        pooled = g.groupby("distance")[["hits", "samples"]].sum()
+        ax.plot(pooled.index, pooled["hits"] / pooled["samples"], "o-", label=model)
+    ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="distance from key to query (tokens, bin lower edge)",
+           ylabel="query accuracy", title="MQAR: recall by key-to-query distance (whole grid, all seeds)")
+    ax.set_xscale("log", base=2)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / f"accuracy_vs_length_{task}.png")
+    return _save(fig, out / "mqar_by_distance.png")
+
+
+def learning_curves(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
+    """Per variant of a task: training loss against step, a thin line per cell (seed), a colour per model;
+    validation accuracy where it was measured, in a second panel."""
+    rows = frame[(frame["task"] == task) & (frame["metric"] == "learning_curve")].copy()
+    if rows.empty:
+        return []
+    rows["variant"] = rows["variant"].fillna(task)
+    made = []
+    for variant, group in rows.groupby("variant"):
+        curves = [(model, status, json.loads(extra)["curve"]) for model, status, extra in
+                  zip(group["model"], group["status"], group["extra"], strict=True) if isinstance(extra, str)]
+        has_val = any("val_accuracy" in c for _, _, c in curves)
+        fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(12 if has_val else 7, 4.2), squeeze=False)
+        colours = {m: f"C{i}" for i, m in enumerate(sorted({m for m, _, _ in curves}))}
+        for model, status, c in curves:
+            label = model
+            axes[0, 0].plot(c["step"], c["train_loss"], color=colours[model], lw=0.9, label=label)
+            if status != "ok":
+                axes[0, 0].plot(c["step"][-1:], c["train_loss"][-1:], "x", color=colours[model], markersize=9)
+            if has_val and "val_accuracy" in c:
+                axes[0, 1].plot(c["val_step"], c["val_accuracy"], "o-", color=colours[model], ms=3, lw=0.9, label=label)
+        axes[0, 0].set(yscale="log", xlabel="step", ylabel="training loss", title=f"{variant}: learning curves")
+        if has_val:
+            axes[0, 1].set(xlabel="step", ylabel="validation accuracy", ylim=(-0.03, 1.03),
+                           title="validation (training distribution, held-out stream)")
+        for ax in axes[0]:
+            ax.grid(True, alpha=0.3)
+            handles, labels = ax.get_legend_handles_labels()
+            unique = dict(zip(labels, handles, strict=True))
+            ax.legend(unique.values(), unique.keys(), fontsize=7)
+        made.append(_save(fig, out / f"learning_curves_{task}_{variant.replace('/', '-')}.png"))
+    return made
 
 
 def forecasts(frame: pd.DataFrame, out: Path) -> Path | None:
@@ -149,6 +240,10 @@ def all_plots(frame: pd.DataFrame, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = [scaling(frame, m, out) for m in SCALING_METRICS]
     made += [niah_heatmap(frame, m, out) for m in sorted(frame[frame["task"] == "niah"]["model"].dropna().unique())]
-    made += [accuracy_vs_length(frame, t, out) for t in ("copy", "niah")]
+    for task in sorted(frame["task"].dropna().unique()):
+        made += recall_vs_length(frame, task, out) + learning_curves(frame, task, out)
+    swept = frame[frame["pairs"].notna()] if "pairs" in frame else frame.iloc[:0]
+    made += [pairs_heatmap(frame, m, out) for m in sorted(swept["model"].dropna().unique())]
+    made.append(recall_by_distance(frame, out))
     made += [forecasts(frame, out), dynamics(frame, out), streaming(frame, out)]
     return [p for p in made if p is not None]

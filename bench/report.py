@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 
 import models
-from bench import claims, plots
+from bench import accuracy, claims, plots
 from bench.scaling import best_class, crossover, fit_power
-from tasks.base import wilson_interval
 
 PUBLISHED_ETTH1_96 = (
     "Published ETTh1 figures, look-back 96, MSE / MAE at horizon 96, as printed in the input-96 baseline table of "
@@ -63,31 +62,31 @@ def models_section(frame: pd.DataFrame) -> str:
             "per sequence (a KV cache grows with n; Titans memory does not).\n\n" + table(pd.DataFrame(rows)))
 
 
-def accuracy_section(frame: pd.DataFrame, task: str, title: str) -> str:
-    rows = frame[(frame["task"] == task) & (frame["metric"] == "exact_match") & (frame["status"] == "ok")].copy()
-    if rows.empty:
+def accuracy_section(frame: pd.DataFrame, task: str) -> str:
+    """Per variant of an accuracy task: what each model cost to train, then its headline by length (mean over
+    seeds, with the seed range, or the Wilson interval with one seed, in brackets)."""
+    metric = accuracy.headline(task)
+    if metric is None or not accuracy.higher_is_better(metric):
         return ""
-    rows["samples"] = rows["extra"].map(lambda e: json.loads(e).get("samples", 0) if isinstance(e, str) else 0)
-    rows["hits"] = rows["value"] * rows["samples"]
-    pooled = rows.groupby(["model", "n"]).agg(hits=("hits", "sum"), samples=("samples", "sum"),
-                                               value=("value", "mean"))
-
-    def cell(r) -> str:
-        if not r.samples:
-            return f"{r.value:.2f}"
-        lo, hi = wilson_interval(round(r.hits), int(r.samples))
-        return f"{r.hits / r.samples:.2f} [{lo:.2f}, {hi:.2f}]"
-
-    cells = pooled.apply(cell, axis=1).unstack("n")
-    cells.columns = [f"n={int(c)}" for c in cells.columns]
-    failed = frame[(frame["task"] == task) & frame["status"].isin(["diverged", "oom", "error", "timeout"])]
-    note = ""
-    if len(failed):
-        firsts = failed.groupby("model")["status"].first().items()
-        note = "\n\nNot finished: " + ", ".join(f"{m} ({s})" for m, s in firsts)
-    pooled_note = " (pooled over needle depths)" if task == "niah" else ""
-    return (f"## {title}\n\nExact match of the whole answer with its 95 % Wilson interval{pooled_note}.\n\n"
-            + table(cells.reset_index()) + note)
+    summary, costs = accuracy.summary(frame, task), accuracy.cost_table(frame, task)
+    if costs.empty:
+        return ""
+    parts = []
+    for variant, cost in costs.groupby("variant"):
+        rows = summary[summary["variant"] == variant]
+        text = f"### {variant}\n\n" + table(cost.drop(columns="variant"))
+        if not rows.empty:
+            cells = rows.assign(cell=[f"{v:.2f} [{lo:.2f}, {hi:.2f}]" for v, lo, hi in
+                                      zip(rows["value"], rows["low"], rows["high"], strict=True)])
+            wide = cells.pivot(index="model", columns="n", values="cell")
+            wide.columns = [f"n={int(c)}" for c in wide.columns]
+            trained = accuracy.trained_length(frame[(frame["task"] == task) & (frame["variant"] == variant)])
+            note = f" Trained up to n = {int(trained)}." if not np.isnan(trained) else ""
+            text += (f"\n\n{metric.replace('_', ' ')} by length n.{note}\n\n" + table(wide.reset_index()))
+        parts.append(text)
+    return (f"## {task}\n\nTraining cost per model (means over seeds; tokens = measured tokens/s x wall time) and "
+            f"the final validation accuracy on the training distribution, then the test headline by length: mean "
+            f"over seeds [seed range, or the 95 % Wilson interval with one seed].\n\n" + "\n\n".join(parts))
 
 
 def timeseries_section(frame: pd.DataFrame) -> str:
@@ -177,7 +176,7 @@ def build(run_dir: str | Path) -> Path:
     frame = pd.read_csv(run_dir / "results.csv")
     pictures = plots.all_plots(frame, run_dir / "plots")
     sections = [f"# titans-bench report — {run_dir.name}", setup_section(run_dir, frame), models_section(frame),
-                accuracy_section(frame, "copy", "Copy"), accuracy_section(frame, "niah", "Needle in a haystack"),
+                *(accuracy_section(frame, t) for t in sorted(frame["task"].dropna().unique())),
                 timeseries_section(frame), scaling_section(frame), streaming_section(frame), claims_section(frame)]
     if pictures:
         sections.append("## Plots\n\n" + "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in pictures))

@@ -44,9 +44,13 @@ def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[
     ]
     if result.best_val is not None:
         rows.append({"metric": "best_val_loss", "value": result.best_val, "status": result.status})
+    rows += [{"metric": name, "value": value, "status": result.status}
+             for name, value in result.final_validation.items()]
+    rows.append({"metric": "learning_curve", "value": result.final_loss, "status": result.status,
+                 "curve": result.curve()})
     if result.status == "ok":
         rows += [{**row, "status": "ok"} for row in task.evaluate(net, device)]
-    common = {"params": backbone.num_params(), "state_numel": backbone.state_numel(1024)}
+    common = {"params": backbone.num_params(), "state_numel": backbone.state_numel(1024), "variant": task.variant}
     return [{**common, **row} for row in rows]
 
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: pairs and distance (mqar's grid and its accuracy by key-to-query distance)
 COLUMNS = [
-    "run_id", "cell_id", "kind", "model", "task", "variant", "n", "depth", "metric", "value", "ci_low",
-    "ci_high", "status", "seed", "params", "state_numel", "device", "threads", "wall_s", "extra", "config",
+    "run_id", "cell_id", "kind", "model", "task", "variant", "n", "depth", "pairs", "distance", "metric", "value",
+    "ci_low", "ci_high", "status", "seed", "params", "state_numel", "device", "threads", "wall_s", "extra", "config",
     "cell_rows", "schema", "time",
 ]
 RESULTS = "results.csv"
@@ -55,15 +55,17 @@ class RunStore:
         raw = self.path.read_bytes()
         if not raw.endswith(b"\n"):
             raw = raw[: raw.rfind(b"\n") + 1]
-        rows = list(csv.DictReader(io.StringIO(raw.decode())))
+        reader = csv.DictReader(io.StringIO(raw.decode()))
+        rows = list(reader)
         counts: dict[str, int] = {}
         for row in rows:
             counts[row["cell_id"]] = counts.get(row["cell_id"], 0) + 1
         complete = [r for r in rows if counts[r["cell_id"]] == int(r["cell_rows"])]
-        if len(complete) != len(rows) or raw != self.path.read_bytes():
+        older_schema = reader.fieldnames != COLUMNS  # rewritten under today's header, blanks in new columns
+        if len(complete) != len(rows) or raw != self.path.read_bytes() or older_schema:
             tmp = self.path.with_suffix(".tmp")
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, COLUMNS)
+                writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(complete)
             os.replace(tmp, self.path)

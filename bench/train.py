@@ -1,5 +1,10 @@
 """The training loop: AdamW, linear warm-up then cosine decay, gradient clipping, seeded init, tqdm
-progress with loss and tokens/s. A non-finite loss ends the run as `diverged` instead of crashing."""
+progress with loss and tokens/s. A non-finite loss ends the run as `diverged` instead of crashing.
+
+The learning curve is kept: the training loss of every step (the result holds it; the runner stores a thinned
+copy) and, every `val_every` steps, the task's validation metrics (loss and answer accuracy on the training
+distribution's held-out stream). With `val_every`, the weights of the lowest validation loss are restored at the
+end, as the published code bases do with early stopping."""
 
 from __future__ import annotations
 
@@ -38,6 +43,19 @@ class TrainResult:
     wall_s: float
     tokens_per_s: float
     losses: list[float] = field(default_factory=list)
+    validation: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", "val_accuracy"?}
+    final_validation: dict[str, float] = field(default_factory=dict)  # of the weights the run ends with
+
+    def curve(self, points: int = 200) -> dict[str, list[float]]:
+        """The learning curve thinned to about `points` training-loss points (means over equal spans of steps, at
+        the span's middle step), plus every validation point (val_step, val_loss, val_accuracy)."""
+        span = max(1, len(self.losses) // points)
+        steps = list(range(0, len(self.losses), span))
+        keys = dict.fromkeys(k for v in self.validation for k in v if k != "step")
+        return {"step": [s + span / 2 - 0.5 for s in steps],
+                "train_loss": [sum(self.losses[s : s + span]) / len(self.losses[s : s + span]) for s in steps],
+                "val_step": [v["step"] for v in self.validation],
+                **{key: [v.get(key, float("nan")) for v in self.validation] for key in keys}}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -63,6 +81,7 @@ def train(
         lr=cfg.lr,
     )
     losses: list[float] = []
+    validation: list[dict[str, float]] = []
     tokens, start, status, step = 0, time.perf_counter(), "ok", 0
     best_val, best_state = None, None
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -85,16 +104,18 @@ def train(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
         if cfg.val_every and (step + 1) % cfg.val_every == 0:
-            val = task.validation_loss(net, device)
+            scores = task.validate(net, device)
+            validation.append({"step": step + 1, **scores})
+            val = scores.get("val_loss")
             if val is not None and (best_val is None or val < best_val):
                 best_val, best_state = val, {k: v.detach().clone() for k, v in net.state_dict().items()}
-            net.train()
         if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
             break
     bar.close()
     if best_state is not None and status == "ok":
         net.load_state_dict(best_state)
-    net.eval()
     wall = time.perf_counter() - start
+    final_validation = task.validate(net, device) if status == "ok" else {}
+    net.eval()
     final = losses[-1] if losses else float("nan")
-    return TrainResult(status, len(losses), final, best_val, wall, tokens / wall, losses)
+    return TrainResult(status, len(losses), final, best_val, wall, tokens / wall, losses, validation, final_validation)

@@ -297,6 +297,46 @@ void read_backward(const Dims& d, Scratch<T>& w, const std::vector<const T*>& st
     }
 }
 
+// Key t's gradient at the anchor is, per layer, the outer product h_l^T d_l: its squared norm is
+// n^2 = sum_l |h_l|^2 |d_l|^2. Above `bound`, every d_l of the key is scaled by c = bound / n (neural_memory's
+// clip_scales); returns c, 1 where nothing was clipped.
+template <typename T, typename H, typename D>
+T clip_key(const Dims& d, const H& h, const D& dl, i64 t, T bound) {
+    T sq = 0;
+    for (i64 l = 0; l < d.depth; ++l) {
+        const i64 R = d.rows(l), C = d.cols(l);
+        T hh = 0, dd = 0;
+        for (i64 a = 0; a < R; ++a) hh += h[l][t * R + a] * h[l][t * R + a];
+        for (i64 b = 0; b < C; ++b) dd += dl[l][t * C + b] * dl[l][t * C + b];
+        sq += hh * dd;
+    }
+    if (!(sq > bound * bound)) return T(1);
+    const T scale = bound / std::sqrt(sq);
+    for (i64 l = 0; l < d.depth; ++l)
+        for (i64 b = 0; b < d.cols(l); ++b) dl[l][t * d.cols(l) + b] *= scale;
+    return scale;
+}
+
+// The clip's share of the backward for key t, whose clipped signals are d~_l = c d_l (neural_memory.unclip):
+// with b = sum_l <g_l, d~_l> / bound^2 from the gradients g_l of d~_l's uses, g_l -= b |h_l|^2 d~_l and h_l's
+// gradient gains -b |d~_l|^2 h_l. Nothing for keys that were not clipped (c = 1, constant).
+template <typename T, typename H, typename D, typename G, typename GH>
+void unclip_key(const Dims& d, const H& h, const D& dl, G& g, GH& g_h, i64 t, T scale, T bound) {
+    if (!(scale < T(1))) return;
+    T b = 0;
+    for (i64 l = 0; l < d.depth; ++l)
+        for (i64 x = 0; x < d.cols(l); ++x) b += g[l][t * d.cols(l) + x] * dl[l][t * d.cols(l) + x];
+    b /= bound * bound;
+    for (i64 l = 0; l < d.depth; ++l) {
+        const i64 R = d.rows(l), C = d.cols(l);
+        T hh = 0, dd = 0;
+        for (i64 a = 0; a < R; ++a) hh += h[l][t * R + a] * h[l][t * R + a];
+        for (i64 x = 0; x < C; ++x) dd += dl[l][t * C + x] * dl[l][t * C + x];
+        for (i64 x = 0; x < C; ++x) g[l][t * C + x] -= b * hh * dl[l][t * C + x];
+        for (i64 a = 0; a < R; ++a) g_h[l][t * R + a] -= b * dd * h[l][t * R + a];
+    }
+}
+
 // The forward scan, reading each sub-chunk's queries from the state before it as it goes. Recording (path
 // given, training): the state before every sub-chunk and the keys' z_l and d_l go to outputs for the backward
 // pass. Otherwise (inference) only the running state is kept and the end state is returned: nothing per
@@ -313,6 +353,8 @@ struct Forward {
     const T *q, *G, *BBC;  // [P, m s, r, d_0], [P, m s, r, r], [P, m s, r, 2]
     T* y;                  // [P, m s, r, d_L]
     T* const* end;         // not recording: [P, 2 R, C] state after the last sub-chunk
+    T bound;               // > 0: each key's d_l scaled so that its gradient norm is at most bound (clip_key)
+    T* scales;             // recording with a bound: [P, m, c] the scale of each key
 
     void run(i64 lo, i64 hi) const {
         const i64 L = d.depth, c = d.c, s = d.subs, r = c / s;
@@ -368,7 +410,7 @@ struct Forward {
     }
 
     // every key of the chunk through the memory at the anchor, z_l = h_l A_l and h_{l+1} = silu(z_l), then the
-    // back-propagated signals d_{L-1} = M(k) - v and d_l = (d_{l+1} A_{l+1}^T) silu'(z_l)
+    // back-propagated signals d_{L-1} = M(k) - v and d_l = (d_{l+1} A_{l+1}^T) silu'(z_l), clipped with a bound
     void keys_at_anchor(Scratch<T>& w, const std::vector<const T*>& at, std::vector<const T*>& h,
                         const std::vector<T*>& zl, const std::vector<T*>& dl, i64 row) const {
         const i64 L = d.depth, c = d.c;
@@ -391,6 +433,11 @@ struct Forward {
             sigmoid(zl[l], w.gate.data(), c * C);
             for (i64 x = 0; x < c * C; ++x) dl[l][x] *= w.gate[x] * (1 + zl[l][x] * (1 - w.gate[x]));
         }
+        if (bound > 0)
+            for (i64 t = 0; t < c; ++t) {
+                const T scale = clip_key(d, h, dl, t, bound);
+                if (scales) scales[row * c + t] = scale;
+            }
     }
 
     void read(Scratch<T>& w, const std::vector<const T*>& before, const std::vector<const T*>& h,
@@ -420,6 +467,8 @@ struct Backward {
     T *g_q, *g_G, *g_BBC;  // laid out like q, G and BBC
     T* const* g_states;
     T* const* g_anchor;
+    T bound;          // the forward's clip bound, or 0
+    const T* scales;  // with a bound: [P, m, c] the scale of each key
 
     void run(i64 lo, i64 hi) const {
         const i64 L = d.depth, c = d.c, s = d.subs, r = c / s;
@@ -501,6 +550,17 @@ struct Backward {
                         gemm(w.hs.data(), R, 1, gx + n, gdj, r, R, C, T(-1), true);
                     }
                 }
+                // the clip's share: to the gradients of d and of the keys' layer inputs (in read_h)
+                if (bound > 0) {
+                    std::vector<const T*> dk(L);
+                    std::vector<T*> gdk(L), ghk(L);
+                    for (i64 l = 0; l < L; ++l) {
+                        dk[l] = ds[l] + row * c * d.cols(l);
+                        gdk[l] = w.gd[l].data();
+                        ghk[l] = read_h[l].data();
+                    }
+                    for (i64 t = 0; t < c; ++t) unclip_key(d, h, dk, gdk, ghk, t, scales[row * c + t], bound);
+                }
                 // then through d's own back-propagation: d_l = silu'(z_l) e_l, e_l = d_{l+1} A_{l+1}^T
                 for (i64 l = 0; l + 1 < L; ++l) {
                     const i64 C = d.cols(l), cn = d.cols(l + 1), cells = c * C;
@@ -516,6 +576,9 @@ struct Backward {
                     gemm(w.ge.data(), 1, C, dn, w.ga[l + 1].data(), C, c, cn, T(1), false);
                 }
                 const i64 out_cells = c * d.cols(L - 1);
+                if (bound > 0)  // d~_{L-1} = c (M(k) - v)
+                    for (i64 t = 0; t < c; ++t)
+                        for (i64 x = 0; x < d.cols(L - 1); ++x) w.gd[L - 1][t * d.cols(L - 1) + x] *= scales[row * c + t];
                 std::memcpy(w.gz[L - 1].data(), w.gd[L - 1].data(), out_cells * sizeof(T));
                 std::memcpy(g_dout + row * out_cells, w.gd[L - 1].data(), out_cells * sizeof(T));
                 // and through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l), down to k.
@@ -870,18 +933,19 @@ void over_pairs(const Job& job, i64 pairs, i64 threads) {
                                           const T* const* start, const T* const* anchor, const T* k, const T* v,  \
                                           const T* write, const T* mix, T* const* path, T* const* zs,             \
                                           T* const* ds, const T* q, const T* G, const T* BBC, T* y,               \
-                                          T* const* end, i64 threads) {                                           \
+                                          T* const* end, T bound, T* scales, i64 threads) {                       \
         const Dims d{depth, m, subs, pairs, c, widths};                                                           \
-        over_pairs(Forward<T>{d, start, anchor, k, v, write, mix, path, zs, ds, q, G, BBC, y, end}, pairs, threads); \
+        over_pairs(Forward<T>{d, start, anchor, k, v, write, mix, path, zs, ds, q, G, BBC, y, end, bound, scales}, \
+                   pairs, threads);                                                                               \
     }                                                                                                             \
     extern "C" void scan_backward_##SUFFIX(                                                                       \
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, const T* const* anchor, const T* k,     \
         const T* write, const T* mix, const T* const* path, const T* const* zs, const T* const* ds, const T* q,   \
         const T* G, const T* BBC, const T* g_y, const T* const* g_end, T* g_k, T* g_dout, T* g_write, T* g_mix,      \
-        T* g_q, T* g_G, T* g_BBC, T* const* g_states, T* const* g_anchor, i64 threads) {                         \
+        T* g_q, T* g_G, T* g_BBC, T* const* g_states, T* const* g_anchor, T bound, const T* scales, i64 threads) { \
         const Dims d{depth, m, subs, pairs, c, widths};                                                           \
         over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, q, G, BBC, g_y, g_end, g_k, g_dout,     \
-                               g_write, g_mix, g_q, g_G, g_BBC, g_states, g_anchor},                             \
+                               g_write, g_mix, g_q, g_G, g_BBC, g_states, g_anchor, bound, scales},              \
                    pairs, threads);                                                                               \
     }
 

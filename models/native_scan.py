@@ -140,34 +140,40 @@ def _float(dtype: torch.dtype, value: float) -> ctypes.c_float | ctypes.c_double
 
 def _forward(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
              q: Tensor, G: Tensor, BBC: Tensor, y: Tensor, recording: tuple[list[Tensor], ...] | None,
-             end: list[Tensor] | None) -> None:
-    """Recording: (path, zs, ds) to fill; else `end` to fill. The reads go to y either way."""
+             end: list[Tensor] | None, bound: float, scales: Tensor | None) -> None:
+    """Recording: (path, zs, ds) to fill, and the clip scales when bound > 0; else `end` to fill. The reads go to
+    y either way."""
     anchor, states = [t.contiguous() for t in anchor], [t.contiguous() for t in states]
     path, zs, ds = (_pointers(x) for x in recording) if recording else (None, None, None)
     dims, widths = _dims(states, k, write, mix, q, G, BBC, v)
     fn = getattr(library(), f"scan_forward_{SUFFIX[k.dtype]}")
     fn(*_int(*dims), widths, _pointers(states), _pointers(anchor), *map(_pointer, (k, v, write, mix)), path, zs, ds,
-       *map(_pointer, (q, G, BBC, y)), _pointers(end) if end else None, ctypes.c_int64(torch.get_num_threads()))
+       *map(_pointer, (q, G, BBC, y)), _pointers(end) if end else None, _float(k.dtype, bound), _pointer(scales),
+       ctypes.c_int64(torch.get_num_threads()))
 
 
 def scan_and_read(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
-                  q: Tensor, G: Tensor, BBC: Tensor) -> tuple[Tensor, list[Tensor]]:
+                  q: Tensor, G: Tensor, BBC: Tensor, bound: float = 0.0) -> tuple[Tensor, list[Tensor]]:
     """Inference: neural_memory.scan_keys with every sub-chunk's queries read from the running state as it
     goes (the math of read_chunks), so that no state per sub-chunk is stored. Layouts are pairs major (see
     native_scan.cpp): k, v [B H, m, c, d], q [B H, m s, r, d_0], G, BBC, write and mix per sub-chunk
-    [B H, m s, ...]. Returns the reads [B H, m s, r, d_L] and the end states."""
+    [B H, m s, ...]. `bound` > 0 clips each key's d as neural_memory.scan_keys does. Returns the reads
+    [B H, m s, r, d_L] and the end states."""
     k, v, write, mix, q, G, BBC = (t.contiguous() for t in (k, v, write, mix, q, G, BBC))
     y = q.new_empty(*q.shape[:-1], states[-1].shape[-1])
     end = [torch.empty_like(s) for s in states]
-    _forward(states, anchor, k, v, write, mix, q, G, BBC, y, None, end)
+    _forward(states, anchor, k, v, write, mix, q, G, BBC, y, None, end, bound, None)
     return y, end
 
 
-def scan_and_read_recorded(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor,
-                           mix: Tensor, q: Tensor, G: Tensor, BBC: Tensor) -> tuple[Tensor, list[Tensor], ...]:
+def scan_and_read_recorded(
+    states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor, q: Tensor,
+    G: Tensor, BBC: Tensor, bound: float = 0.0,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], Tensor | None]:
     """Training: scan_and_read that also records what the backward needs, as neural_memory.scan_keys does:
-    the states before every sub-chunk and after the last ([B H, m s + 1, 2 d_l, d_{l+1}]), and the keys' z_l
-    and d_l ([B H, m, c, d_{l+1}]). Returns y, path, zs, ds."""
+    the states before every sub-chunk and after the last ([B H, m s + 1, 2 d_l, d_{l+1}]), the keys' z_l
+    and (clipped) d_l ([B H, m, c, d_{l+1}]), and with a bound the clip scales [B H, m, c]. Returns y, path, zs,
+    ds, scales."""
     k, v, write, mix, q, G, BBC = (t.contiguous() for t in (k, v, write, mix, q, G, BBC))
     pairs, m, c, _ = k.shape
     subs = write.shape[1] // m
@@ -175,13 +181,14 @@ def scan_and_read_recorded(states: list[Tensor], anchor: list[Tensor], k: Tensor
     zs = [k.new_empty(pairs, m, c, s.shape[-1]) for s in states[:-1]]
     ds = [k.new_empty(pairs, m, c, s.shape[-1]) for s in states]
     y = q.new_empty(*q.shape[:-1], states[-1].shape[-1])
-    _forward(states, anchor, k, v, write, mix, q, G, BBC, y, (path, zs, ds), None)
-    return y, path, zs, ds
+    scales = k.new_empty(pairs, m, c) if bound else None
+    _forward(states, anchor, k, v, write, mix, q, G, BBC, y, (path, zs, ds), None, bound, scales)
+    return y, path, zs, ds, scales
 
 
 def scan_and_read_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
                            zs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor, g_y: Tensor,
-                           g_end: list[Tensor]) -> tuple:
+                           g_end: list[Tensor], scales: Tensor | None = None, bound: float = 0.0) -> tuple:
     """The backward of scan_and_read_recorded, chunk by chunk in reverse: each chunk's reads are recomputed
     and taken back first, then the chunk's writes and keys. Returns the gradients of the start states, the
     first anchor, k, v, write, mix, q, G and BBC."""
@@ -198,8 +205,8 @@ def scan_and_read_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: 
     fn = getattr(library(), f"scan_backward_{SUFFIX[k.dtype]}")
     fn(*_int(*dims), widths, _pointers(anchor), *map(_pointer, (k, write, mix)), *map(_pointers, (path, zs, ds)),
        *map(_pointer, (q, G, BBC, g_y)), _pointers(g_end), *map(_pointer, (g_k, g_dout, g_write, g_mix)),
-       *map(_pointer, (g_q, g_G, g_BBC)), _pointers(g_states), _pointers(g_anchor),
-       ctypes.c_int64(torch.get_num_threads()))
+       *map(_pointer, (g_q, g_G, g_BBC)), _pointers(g_states), _pointers(g_anchor), _float(k.dtype, bound),
+       _pointer(scales), ctypes.c_int64(torch.get_num_threads()))
     return g_states, g_anchor, g_k, -g_dout, g_write, g_mix, g_q, g_G, g_BBC
 
 

@@ -69,6 +69,7 @@ class MemoryConfig:
     forgetting: bool = True
     rule: str = "titans"  # "titans", or the seed paper's update as written ("seed") or sign-corrected
     seed_gamma: float = 1.0  # seed rule: beta_t = exp(-gamma ||grad l_t||)
+    clip: float = 0.0  # > 0: each token's inner gradient rescaled to norm <= clip (over all memory layers); 0: off
     path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
     block: int = 1024  # longer inputs are streamed through the state in blocks of this many tokens
     read_chunk: int = 16  # a chunk that is a multiple of it is read in sub-chunks of this size (same result)
@@ -118,9 +119,11 @@ def reference_scan(
     weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], offset: int, chunk: int,
     q: Tensor, k: Tensor, v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor,
     rule: str = "titans", seed_gamma: float = 1.0, diagnostics: dict[str, list] | None = None,
+    clip: float = 0.0,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """Token-by-token loop. q, k, v: [B, H, N, dh]; gates [B, H, N]; weights [B, H, d_l, d_{l+1}].
-    `offset` tokens of the current chunk were seen before this call (anchored at `anchor`)."""
+    `offset` tokens of the current chunk were seen before this call (anchored at `anchor`). `clip` > 0 bounds
+    each token's inner gradient norm (over all memory layers) by clip, as a differentiable rescaling."""
     ys = []
     for t in range(q.shape[-2]):
         if (offset + t) % chunk == 0 or rule != "titans":
@@ -130,6 +133,10 @@ def reference_scan(
         ds = mlp_backprop(anchor, slopes, 2 * (hs[-1] - vt))  # l = ||M(k) - v||^2
         grads = [h.transpose(-1, -2) @ d for h, d in zip(hs, ds, strict=False)]  # [B, H, d_l, d_{l+1}]
         g_norm = torch.sqrt(sum(g.pow(2).sum((-1, -2)) for g in grads))  # [B, H]
+        if clip and rule == "titans":
+            # min(1, clip / ||grad||), from the squared norm so that a zero gradient has a finite derivative
+            scale = clip * sum(g.pow(2).sum((-1, -2)) for g in grads).clamp_min(clip * clip).rsqrt()
+            grads = [g * scale[..., None, None] for g in grads]
         if rule == "titans":
             eta, keep = log_eta[..., t, None, None].exp(), log_keep[..., t, None, None].exp()
             lr = theta[..., t, None, None]
@@ -258,22 +265,34 @@ def from_subchunks(x: Tensor) -> Tensor:
     return x.transpose(-3, -4).flatten(-3, -2)
 
 
+def clip_scales(hs: list[Tensor], ds: list[Tensor], bound: float) -> Tensor:
+    """Per key, min(1, bound / sqrt(sum_l |h_l|^2 |d_l|^2)): the factor that takes the key's gradient, whose
+    layer-l part is the outer product h_l^T d_l, to norm <= bound. hs, ds: per layer [.., c, width]."""
+    sq = sum(h.pow(2).sum(-1) * d.pow(2).sum(-1) for h, d in zip(hs, ds, strict=True))
+    return bound * sq.clamp_min(bound * bound).rsqrt()
+
+
 def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor,
-              mix: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+              mix: Tensor, bound: float = 0.0) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor | None]:
     """The sequential part of the dual form: chunk after chunk, every key's gradient at the chunk's anchor,
     then folded into the state sub-chunk by sub-chunk. Per memory layer the state is the weights stacked on
     the momentum, [B H, 2 d_l, d_{l+1}]; `anchor` [B H, d_l, d_{l+1}] anchors the first chunk, later chunks
     are anchored at their start weights. k [m, B H, c, d_0] and v [m, B H, c, d_L] per chunk; write
     [m s, B H, 2, 1, c / s] and mix [m s, B H, 2, 2] per sub-chunk, s sub-chunks to a chunk.
 
+    `bound` > 0 clips each key's gradient norm (in units of d = M(k) - v, whose factor 2 is in the write scales):
+    every d_l of the key is scaled by clip_scales, which this returns too ([m, B H, c]; None without a bound).
+
     Returns, per layer, the states before every sub-chunk and after the last ([m s + 1, B H, 2 d_l, d_{l+1}]),
-    and the keys' hidden pre-activations z_l (l < L - 1) and back-propagated signals d_l ([m, B H, c, d_{l+1}])
-    that the batched reads reuse. Results go straight into preallocated buffers, no per-chunk lists to stack."""
+    and the keys' hidden pre-activations z_l (l < L - 1) and back-propagated signals d_l ([m, B H, c, d_{l+1}],
+    clipped) that the batched reads reuse. Results go straight into preallocated buffers, no per-chunk lists to
+    stack."""
     m, bh, c, _ = k.shape
     subs, depth, rows = write.shape[0] // m, len(states), [s.shape[-2] // 2 for s in states]
     path = [s.new_empty(m * subs + 1, *s.shape) for s in states]
     zs = [k.new_empty(m, bh, c, s.shape[-1]) for s in states[:-1]]
     ds = [k.new_empty(m, bh, c, s.shape[-1]) for s in states]
+    scales = k.new_empty(m, bh, c) if bound else None
     for p, s in zip(path, states, strict=True):
         p[0] = s
     per_chunk = [[p.unflatten(0, (m, subs)).unbind(0) for p in (x[:-1], x[1:])] for x in path]  # [s, B H, ..]
@@ -294,6 +313,10 @@ def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, 
         for layer in range(depth - 2, -1, -1):
             torch.ops.aten.silu_backward.grad_input(d_i[layer + 1] @ at[layer + 1].transpose(-1, -2), z_i[layer],
                                                     grad_input=d_i[layer])
+        if bound:
+            torch.mul(clip_scales(hs, d_i, bound), 1, out=scales[i])
+            for d in d_i:
+                d.mul_(scales[i].unsqueeze(-1))
         for layer, (before, after) in enumerate(per_chunk):
             if layer == 0:
                 h_w = k_written[i]
@@ -306,16 +329,32 @@ def scan_keys(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, 
                 # (W, S) -> (B W + BC S - h_w^T d, A S - h_s^T d): a small bmm mixes, a baddbmm writes in place
                 torch.bmm(mixes[i][j], before[i][j].view(bh, 2, -1), out=after[i][j].view(bh, 2, -1))
                 torch.baddbmm(after[i][j], h_w[j], d_sub[j], alpha=-1, out=after[i][j])
-    return path, zs, ds
+    return path, zs, ds, scales
+
+
+def unclip(g_d: list[Tensor], hs: list[Tensor], ds: list[Tensor], scale: Tensor, bound: float) -> list[Tensor]:
+    """The clip's own share of the backward, for the keys of one chunk. With clipped signals d~_l = c d_l and
+    c = bound / n, n^2 = sum_l |h_l|^2 |d_l|^2 (clipped keys only; elsewhere c = 1 is constant), the gradient that
+    reaches c, b = sum_l <g_l, d~_l> (g_l: the gradient of d~_l from its uses), moves the gradients of the
+    unclipped signals, in units of d~, to g_l - b |h_l|^2 d~_l / bound^2 (updated in place) and gives h_l the extra
+    gradient -b |d~_l|^2 h_l / bound^2, which this returns per layer. The chain of d then runs on d~ unchanged,
+    and its gradient at the root d~_{L-1} = c (M(k) - v) is multiplied by c to give that of M(k) - v."""
+    b = sum((g * d).sum(-1) for g, d in zip(g_d, ds, strict=True)) * (scale < 1) / (bound * bound)
+    extra = [-(b * d.pow(2).sum(-1)).unsqueeze(-1) * h for h, d in zip(hs, ds, strict=True)]
+    for g, h, d in zip(g_d, hs, ds, strict=True):
+        g.sub_((b * h.pow(2).sum(-1)).unsqueeze(-1) * d)
+    return extra
 
 
 def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
                        zs: list[Tensor], ds: list[Tensor], g_before: list[Tensor], g_end: list[Tensor],
-                       g_zs: list[Tensor], g_ds: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, ...]:
+                       g_zs: list[Tensor], g_ds: list[Tensor], scales: Tensor | None = None,
+                       bound: float = 0.0) -> tuple[list[Tensor], list[Tensor], Tensor, ...]:
     """The backward of scan_keys: from the gradients of its outputs (the states before every sub-chunk, the end
     state, z_l, d_l) to those of its inputs (start states, first anchor, k, v, write, mix). A reverse pass over
     the chunks carries the gradient at each sub-chunk's end state; what does not flow back into earlier chunks
-    (k, v, write, mix) is then left to batched products over all chunks."""
+    (k, v, write, mix) is then left to batched products over all chunks. With a clip bound, `scales` are the
+    factors scan_keys applied (see unclip)."""
     depth, (m, bh, c, _) = len(path), k.shape
     subs, rows = write.shape[0] // m, [p.shape[-2] // 2 for p in path]
     anchors = [torch.cat([a.unsqueeze(0), p[subs : m * subs : subs, :, :r]]) for a, p, r in zip(anchor, path, rows,
@@ -331,6 +370,7 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
         g[-1] = ge
     g_states, g_anchor = [None] * depth, [None] * depth
     g_z0, g_dout = torch.empty_like(ds[0]), torch.empty_like(ds[-1])
+    g_k_clip = torch.zeros_like(k) if bound else None
 
     def unmix(layer: int, u: int, out: Tensor) -> None:  # gradient at sub-chunk u's start state
         torch.baddbmm(g_before[layer][u].view(bh, 2, -1), mix[u].transpose(-1, -2),
@@ -348,13 +388,16 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
                 to_subchunks(g_ds[layer][i], subs).reshape(bh * subs, c // subs, -1),  # a view when s = 1
                 h_written[layer][i].flatten(0, 1).transpose(-1, -2), g_x[layer].flatten(0, 1), alpha=-1,
             ).view(subs, bh, c // subs, -1)) for layer in range(depth)]
+            g_h_clip = unclip(g_d, [h[i] for h in hs], [d[i] for d in ds], scales[i], bound) if bound else None
+            if bound:
+                g_k_clip[i] = g_h_clip[0]
             g_z, g_a = [None] * depth, [None] * depth  # g_a: the gradient at the chunk's anchor
             for layer in range(depth - 1):
                 g_e = g_d[layer] * slopes[layer][i]
                 g_z[layer] = torch.addcmul(g_zs[layer][i], g_d[layer], bends[layer][i])
                 g_d[layer + 1] = torch.baddbmm(g_d[layer + 1], g_e, at[layer + 1])
                 g_a[layer + 1] = g_e.transpose(-1, -2) @ ds[layer + 1][i]
-            g_z[-1] = g_dout[i] = g_d[-1]  # d_{L-1} = z_{L-1} - v
+            g_z[-1] = g_dout[i] = g_d[-1] * scales[i].unsqueeze(-1) if bound else g_d[-1]  # d_{L-1} = z_{L-1} - v
             # then through the keys' forward pass at the anchor, z_l = h_l A_l, h_{l+1} = silu(z_l)
             for layer in range(depth - 1, -1, -1):
                 h_t = hs[layer][i].transpose(-1, -2)
@@ -372,6 +415,8 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
                 minus_g_h = from_subchunks(torch.addcmul(g_hw[:, :, 0] * w[:, :, 0], g_hw[:, :, 1], w[:, :, 1])
                                            .transpose(-1, -2))
                 g_h = torch.baddbmm(minus_g_h, g_z[layer], at[layer].transpose(-1, -2), beta=-1)
+                if bound:
+                    g_h += g_h_clip[layer]
                 g_z[layer - 1] = torch.addcmul(g_z[layer - 1], g_h, slopes[layer - 1][i],
                                                out=g_z0[i] if layer == 1 else None)
             for layer, r in enumerate(rows):  # the chunk's start state, through its first sub-chunk's mixing
@@ -383,6 +428,8 @@ def scan_keys_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tens
                     g_states[layer], g_anchor[layer] = before, g_a[layer]
     # batched over all chunks: what flows to k, v, write and mix
     g_k = g_z0 @ anchors[0].transpose(-1, -2)
+    if bound:
+        g_k += g_k_clip
     g_write, g_mix = torch.zeros_like(sub_writes), torch.zeros_like(mix)
     for layer, (g, h, d, p) in enumerate(zip(g_after, hs, ds, path, strict=True)):
         # explicit 3-d bmm: matmul on these 5-d views falls back to one small product per matrix
@@ -402,13 +449,13 @@ class KeyScan(torch.autograd.Function):
     the token loop and by gradcheck."""
 
     @staticmethod
-    def forward(ctx, depth: int, *tensors: Tensor):
+    def forward(ctx, depth: int, bound: float, *tensors: Tensor):
         states, anchor = list(tensors[:depth]), list(tensors[depth : 2 * depth])
         k, v, write, mix = tensors[2 * depth :]
         with one_thread():
-            path, zs, ds = scan_keys(states, anchor, k, v, write, mix)
-        ctx.depth = depth
-        ctx.save_for_backward(*anchor, k, write, mix, *path, *zs, *ds)
+            path, zs, ds, scales = scan_keys(states, anchor, k, v, write, mix, bound)
+        ctx.depth, ctx.bound = depth, bound
+        ctx.save_for_backward(*anchor, k, write, mix, scales, *path, *zs, *ds)
         # the states before each sub-chunk and the end state as two outputs: a slice of one output would make
         # autograd fill a zero gradient buffer for the whole path
         return (*(p[:-1] for p in path), *(p[-1] for p in path), *zs, *ds)
@@ -417,13 +464,14 @@ class KeyScan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads: Tensor):
         depth, saved = ctx.depth, ctx.saved_tensors
-        anchor, (k, write, mix) = list(saved[:depth]), saved[depth : depth + 3]
-        path, zs, ds = (list(x) for x in (saved[depth + 3 : 2 * depth + 3], saved[2 * depth + 3 : 3 * depth + 2],
-                                          saved[3 * depth + 2 :]))
+        anchor, (k, write, mix, scales) = list(saved[:depth]), saved[depth : depth + 4]
+        path, zs, ds = (list(x) for x in (saved[depth + 4 : 2 * depth + 4], saved[2 * depth + 4 : 3 * depth + 3],
+                                          saved[3 * depth + 3 :]))
         g_before, g_end = list(grads[:depth]), list(grads[depth : 2 * depth])
         g_zs, g_ds = list(grads[2 * depth : 3 * depth - 1]), list(grads[3 * depth - 1 :])
-        g_states, g_anchor, *rest = scan_keys_backward(anchor, k, write, mix, path, zs, ds, g_before, g_end, g_zs, g_ds)
-        return (None, *g_states, *g_anchor, *rest)
+        g_states, g_anchor, *rest = scan_keys_backward(anchor, k, write, mix, path, zs, ds, g_before, g_end, g_zs, g_ds,
+                                                       scales, ctx.bound)
+        return (None, None, *g_states, *g_anchor, *rest)
 
 
 class ScanRead(torch.autograd.Function):
@@ -433,24 +481,25 @@ class ScanRead(torch.autograd.Function):
     KeyScan followed by read_chunks, and tested against them."""
 
     @staticmethod
-    def forward(ctx, depth: int, *tensors: Tensor):
+    def forward(ctx, depth: int, bound: float, *tensors: Tensor):
         states, anchor = list(tensors[:depth]), list(tensors[depth : 2 * depth])
         k, v, write, mix, q, G, BBC = tensors[2 * depth :]
-        y, path, zs, ds = native_scan.scan_and_read_recorded(states, anchor, k, v, write, mix, q, G, BBC)
-        ctx.depth = depth
-        ctx.save_for_backward(*anchor, k, write, mix, q, G, BBC, *path, *zs, *ds)
+        y, path, zs, ds, scales = native_scan.scan_and_read_recorded(states, anchor, k, v, write, mix, q, G, BBC,
+                                                                     bound)
+        ctx.depth, ctx.bound = depth, bound
+        ctx.save_for_backward(*anchor, k, write, mix, q, G, BBC, scales, *path, *zs, *ds)
         return (y, *(p[:, -1] for p in path))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_y: Tensor, *g_end: Tensor):
         depth, saved = ctx.depth, ctx.saved_tensors
-        anchor, (k, write, mix, q, G, BBC) = list(saved[:depth]), saved[depth : depth + 6]
-        path, zs, ds = (list(x) for x in (saved[depth + 6 : 2 * depth + 6], saved[2 * depth + 6 : 3 * depth + 5],
-                                          saved[3 * depth + 5 :]))
+        anchor, (k, write, mix, q, G, BBC, scales) = list(saved[:depth]), saved[depth : depth + 7]
+        path, zs, ds = (list(x) for x in (saved[depth + 7 : 2 * depth + 7], saved[2 * depth + 7 : 3 * depth + 6],
+                                          saved[3 * depth + 6 :]))
         g_states, g_anchor, *rest = native_scan.scan_and_read_backward(anchor, k, write, mix, path, zs, ds, q, G,
-                                                                       BBC, g_y, list(g_end))
-        return (None, *g_states, *g_anchor, *rest)
+                                                                       BBC, g_y, list(g_end), scales, ctx.bound)
+        return (None, None, *g_states, *g_anchor, *rest)
 
 
 def read_chunks(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tensor, co: dict[str, Tensor]) -> Tensor:
@@ -472,15 +521,17 @@ def read_chunks(path: list[Tensor], hs: list[Tensor], ds: list[Tensor], q: Tenso
 def chunked_scan(
     weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], offset: int, chunk: int,
     q: Tensor, k: Tensor, v: Tensor, log_eta: Tensor, log_keep: Tensor, theta: Tensor, read_chunk: int = 16,
-    kernel: str = "auto",
+    kernel: str = "auto", clip: float = 0.0,
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """The dual form over a call, in up to three groups of equal chunks: the rest of a chunk begun in an
     earlier call (anchored where it began), the whole chunks, then a trailing partial chunk. A chunk that is
     a multiple of `read_chunk` is read in sub-chunks of that size which share its anchor: the same result,
     with c x c decay work per sub-chunk instead of per chunk. Batch and heads are merged into one dimension:
     chunk-major for the torch loops, so that every per-chunk slice is a 3-d tensor for bmm, and pairs major
-    for the compiled loops, which is [B, H, N, d]'s own layout (no copies on the way in or out)."""
+    for the compiled loops, which is [B, H, N, d]'s own layout (no copies on the way in or out). `clip` bounds each
+    key's gradient norm as in reference_scan."""
     batch, heads, n = q.shape[:3]
+    bound = clip / 2  # the loops clip d = M(k) - v, half of dl/dM(k)
     depth, rows = len(weights), [w.shape[-2] for w in weights]
     first = min(n, chunk - offset) if offset else 0
     whole = (n - first) // chunk
@@ -510,16 +561,16 @@ def chunked_scan(
         qc = per_unit(pieces[0][i], count * subs)  # [B H, m s, r, dh] or [m s, B H, r, dh]
         keys = (*states, *anchor, kc, vc, co["write"], co["mix"])
         if not native:
-            out = KeyScan.apply(depth, *keys)
+            out = KeyScan.apply(depth, bound, *keys)
             path, states = out[:depth], out[depth : 2 * depth]
             zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
             hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
             y = read_chunks(path, hs, ds, qc, co).transpose(0, 1)
         elif inference:  # reads as it scans and stores no path
             y, states = native_scan.scan_and_read(states, anchor, kc, vc, co["write"], co["mix"], qc, co["G"],
-                                                  co["BBC"])
+                                                  co["BBC"], bound)
         else:
-            y, *states = ScanRead.apply(depth, *keys, qc, co["G"], co["BBC"])
+            y, *states = ScanRead.apply(depth, bound, *keys, qc, co["G"], co["BBC"])
         ys.append(y.unflatten(0, (batch, heads)).flatten(2, 3))  # a view for the compiled loops' layout
         start += size * count
     weights, momentum = ([s[:, r:] if part else s[:, :r] for s, r in zip(states, rows, strict=True)] for part in (0, 1))
@@ -704,10 +755,10 @@ class NeuralMemory(nn.Module):
         args = (state["weights"], state["momentum"], state["anchor"], state["offset"], c.chunk,
                 q, k, v, log_eta, log_keep, theta)
         if c.path == "reference" or c.rule != "titans" or diagnostics is not None:
-            y, weights, momentum, anchor = reference_scan(*args, rule=c.rule, seed_gamma=c.seed_gamma,
+            y, weights, momentum, anchor = reference_scan(*args, rule=c.rule, seed_gamma=c.seed_gamma, clip=c.clip,
                                                           diagnostics=diagnostics)
         else:
-            y, weights, momentum, anchor = chunked_scan(*args, read_chunk=c.read_chunk, kernel=c.kernel)
+            y, weights, momentum, anchor = chunked_scan(*args, read_chunk=c.read_chunk, kernel=c.kernel, clip=c.clip)
         new_state = {"weights": weights, "momentum": momentum, "anchor": anchor,
                      "offset": (state["offset"] + x.shape[1]) % c.chunk, "conv": tail}
         return self.finish(y, x), new_state

@@ -34,6 +34,7 @@ class TitansConfig:
     forgetting: bool = True
     rule: str = "titans"  # "titans", "seed", "seed_corrected" (see models/neural_memory.py)
     memory_path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
+    mem_clip: float = 0.0  # inner gradient norm bound per token (MemoryConfig.clip); 0: off
     n_persistent: int = 4  # N_p learned input-independent tokens (MAC, MAG, MAL)
     window: int = 64  # sliding-window width (MAG, MAL)
     segment: int = 64  # segment length C (MAC)
@@ -44,7 +45,7 @@ class TitansConfig:
         return MemoryConfig(n_heads=self.n_heads, depth=self.mem_depth, expansion=self.mem_expansion,
                             chunk=self.chunk, conv_kernel=self.conv_kernel, max_lr=self.max_lr,
                             momentum=self.momentum, forgetting=self.forgetting, rule=self.rule,
-                            path=self.memory_path)
+                            path=self.memory_path, clip=self.mem_clip)
 
 
 class MemoryGate(nn.Module):

@@ -33,6 +33,9 @@ class TaskNetwork(nn.Module):
         return self.head(y), state
 
 
+SPLITS = {"train": 0, "test": 1, "val": 2}  # data streams: generator(data_seed, SPLITS[split], ...)
+
+
 def generator(*seeds: int) -> torch.Generator:
     """A CPU generator keyed by several integers (data seed, split, step), independent of call order."""
     key = 0
@@ -91,6 +94,8 @@ def accuracy_rows(exact: int, correct: int, total: int, samples: int, **columns:
 class Task(ABC):
     name: str
     config: Any
+    headline: str  # the test metric that says how well a model did (reported per model, judged by claim C9)
+    validation_headline: str = "exact_match"  # which answer accuracy validate() reports as val_accuracy
 
     def prepare(self) -> None:  # noqa: B027 (a no-op by default: most tasks have no files)
         """Load and verify any data files now, so that a missing one fails before training starts."""
@@ -110,9 +115,36 @@ class Task(ABC):
     def evaluate(self, net: nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
         """Metric rows: dicts with at least metric, value and n (the swept length), plus extra columns."""
 
-    def validation_loss(self, net: nn.Module, device: torch.device | str) -> float | None:
-        """A held-out loss for model selection during training; None where the task has no validation split."""
-        return None
+    @property
+    def variant(self) -> str:
+        """Which form of the task this is (copy or selective copy, a haystack and needle, a dataset): results of
+        different variants are never pooled. Every row of a training cell carries it."""
+        return self.name
+
+    def validation_batches(self) -> list[Batch]:
+        """Fixed batches of the training distribution from the validation stream; none by default."""
+        return []
+
+    @torch.inference_mode()
+    def validate(self, net: nn.Module, device: torch.device | str) -> dict[str, float]:
+        """Held-out loss (`val_loss`, for checkpoint selection) and answer accuracy (`val_accuracy`, for choosing
+        recipes) on the validation batches: the training distribution, never the test grid. Empty without them."""
+        batches = self.validation_batches()
+        if not batches:
+            return {}
+        was_training = net.training
+        net.eval()
+        loss = exact = correct = answers = rows = 0
+        for batch in batches:
+            batch = batch.to(device)
+            outputs = net(batch.inputs)[0]
+            loss += float(self.loss(outputs, batch)) * batch.inputs.shape[0]
+            hits = answer_hits(outputs, batch.targets)
+            exact, correct, answers = exact + hits[0], correct + hits[1], answers + hits[2]
+            rows += batch.inputs.shape[0]
+        net.train(was_training)
+        accuracy = exact / rows if self.validation_headline == "exact_match" else correct / max(answers, 1)
+        return {"val_loss": loss / rows, "val_accuracy": accuracy}
 
     def tokens(self, batch: Batch) -> int:
         return batch.inputs.shape[0] * batch.inputs.shape[1]

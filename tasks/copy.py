@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tasks.base import Batch, Task, TaskNetwork, accuracy_rows, answer_hits, generator, pack, token_loss
+from tasks.base import SPLITS, Batch, Task, TaskNetwork, accuracy_rows, answer_hits, generator, pack, token_loss
 
 PAD, BOS, SEP, EOS, NOISE = 0, 1, 2, 3, 4
 FIRST_SYMBOL = 5
@@ -29,6 +29,7 @@ class CopyConfig:
     eval_lengths: tuple[int, ...] = (8, 16, 24, 32, 48, 64)
     eval_samples: int = 200
     spread: int = 4  # selective: positions in the scatter region per copied token
+    val_batches: int = 4  # validation: batches of 64 from the training distribution, the validation stream
     data_seed: int = 0
 
     def __post_init__(self):
@@ -44,6 +45,7 @@ class CopyConfig:
 
 class CopyTask(Task):
     name = "copy"
+    headline = "exact_match"
 
     def __init__(self, config: CopyConfig):
         self.config = config
@@ -68,11 +70,22 @@ class CopyTask(Task):
     def _batch(self, gen: torch.Generator, lengths: list[int]) -> Batch:
         return pack([self._example(gen, n) for n in lengths], PAD)
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+    def batch(self, split: str, index: int, batch_size: int) -> Batch:
+        """A batch of the training distribution (string lengths drawn per example) from a split's stream."""
         c = self.config
-        gen = generator(c.data_seed, 0, step)
+        gen = generator(c.data_seed, SPLITS[split], index)
         lengths = torch.randint(c.train_min_len, c.train_max_len + 1, (batch_size,), generator=gen).tolist()
         return self._batch(gen, lengths)
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        return self.batch("train", step, batch_size)
+
+    def validation_batches(self) -> list[Batch]:
+        return [self.batch("val", i, 64) for i in range(self.config.val_batches)]
 
     def build_network(self, backbone: nn.Module, d_model: int) -> TaskNetwork:
         return TaskNetwork(nn.Embedding(self.vocab, d_model), backbone, nn.Linear(d_model, self.vocab))
@@ -88,9 +101,9 @@ class CopyTask(Task):
             exact, correct, total = 0, 0, 0
             for start in range(0, c.eval_samples, chunk):
                 size = min(chunk, c.eval_samples - start)
-                batch = self._batch(generator(c.data_seed, 1, length, start), [length] * size).to(device)
+                batch = self._batch(generator(c.data_seed, SPLITS["test"], length, start), [length] * size).to(device)
                 hits = answer_hits(net(batch.inputs)[0], batch.targets)
                 exact, correct, total = exact + hits[0], correct + hits[1], total + hits[2]
-            rows += accuracy_rows(exact, correct, total, c.eval_samples, n=length,
-                                  seq_len=int(batch.inputs.shape[1]), variant=c.variant)
+            rows += accuracy_rows(exact, correct, total, c.eval_samples, n=length, seq_len=int(batch.inputs.shape[1]),
+                                  variant=c.variant, trained_length=c.train_max_len)
         return rows

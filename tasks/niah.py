@@ -22,7 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.base import IGNORE, Batch, Task, TaskNetwork, accuracy_rows, answer_hits, generator, pack, token_loss
+from tasks.base import (
+    IGNORE,
+    SPLITS,
+    Batch,
+    Task,
+    TaskNetwork,
+    accuracy_rows,
+    answer_hits,
+    generator,
+    pack,
+    token_loss,
+)
 from tasks.data import locate
 
 PAD, BOS, EOS, NEEDLE, SEP, END, QUERY = 256, 257, 258, 259, 260, 261, 262
@@ -44,6 +55,7 @@ class NiahConfig:
     eval_lengths: tuple[int, ...] = (256, 512, 1024, 2048)
     depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
     eval_samples: int = 50  # per (length, depth) cell
+    val_batches: int = 4  # validation: batches of 32 from the training distribution, the validation stream
     distractors: int = 0
     lm_weight: float = 0.1  # weight of an auxiliary next-byte loss on the rest of the sequence (0: answer only)
     text_path: str | None = None  # haystack "text": any text file; default tinyshakespeare via the data finder
@@ -65,6 +77,7 @@ class NiahConfig:
 
 class NiahTask(Task):
     name = "niah"
+    headline = "exact_match"
 
     def __init__(self, config: NiahConfig):
         self.config = config
@@ -128,12 +141,23 @@ class NiahTask(Task):
         marks = [False] * (len(tokens) - len(answer)) + [True] * len(answer)
         return tokens, marks
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
+    @property
+    def variant(self) -> str:
+        return f"{self.config.haystack}/{self.config.needle}"
+
+    def batch(self, split: str, index: int, batch_size: int) -> Batch:
+        """A batch of the training distribution from a split's stream: one length per batch, depths uniform."""
         c = self.config
-        gen = generator(c.data_seed, 0, step)
+        gen = generator(c.data_seed, SPLITS[split], index)
         length = int(torch.randint(c.train_min_length or c.train_length // 4, c.train_length + 1, (1,), generator=gen))
         depths = (torch.rand(batch_size, generator=gen) * 100).tolist()
         return pack([self.example(gen, length, d) for d in depths], PAD)
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        return self.batch("train", step, batch_size)
+
+    def validation_batches(self) -> list[Batch]:
+        return [self.batch("val", i, 32) for i in range(self.config.val_batches)]
 
     def build_network(self, backbone: nn.Module, d_model: int) -> TaskNetwork:
         return TaskNetwork(nn.Embedding(VOCAB, d_model), backbone, nn.Linear(d_model, VOCAB))
@@ -160,10 +184,10 @@ class NiahTask(Task):
                 exact = correct = total = 0
                 for start in range(0, c.eval_samples, chunk):
                     size = min(chunk, c.eval_samples - start)
-                    gen = generator(c.data_seed, 1, length, int(depth * 100), start)
+                    gen = generator(c.data_seed, SPLITS["test"], length, int(depth * 100), start)
                     batch = pack([self.example(gen, length, depth) for _ in range(size)], PAD).to(device)
                     hits = answer_hits(net(batch.inputs)[0], batch.targets)
                     exact, correct, total = exact + hits[0], correct + hits[1], total + hits[2]
                 rows += accuracy_rows(exact, correct, total, c.eval_samples, n=length, depth=depth,
-                                      variant=f"{c.haystack}/{c.needle}", trained_length=c.train_length)
+                                      variant=self.variant, trained_length=c.train_length)
         return rows

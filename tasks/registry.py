@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.registry import make_config
-from tasks import copy, niah, timeseries
+from tasks import copy, mqar, niah, timeseries
 from tasks.base import Task
 
 
@@ -22,6 +22,8 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
         TaskSpec("copy", copy.CopyTask, copy.CopyConfig, "copy / selective copy, train short, test long"),
+        TaskSpec("mqar", mqar.MqarTask, mqar.MqarConfig,
+                 "multi-query associative recall: pairs x length grid, accuracy by key-to-query distance"),
         TaskSpec("niah", niah.NiahTask, niah.NiahConfig, "needle in a haystack: depth x length grid, byte level"),
         TaskSpec("timeseries", timeseries.TimeseriesTask, timeseries.TimeseriesConfig,
                  "multivariate forecasting: ETTh1/ETTh2 protocol or the embedded synthetic set"),

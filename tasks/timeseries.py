@@ -85,6 +85,7 @@ class ForecastNetwork(nn.Module):
 
 class TimeseriesTask(Task):
     name = "timeseries"
+    headline = "test_mse"
 
     def __init__(self, config: TimeseriesConfig):
         self.config = config
@@ -123,6 +124,10 @@ class TimeseriesTask(Task):
         pick = torch.randint(0, len(starts), (batch_size,), generator=generator(self.config.data_seed, 0, step))
         return self.batch_at([starts[i] for i in pick.tolist()])
 
+    @property
+    def variant(self) -> str:
+        return self.config.dataset
+
     def build_network(self, backbone: nn.Module, d_model: int) -> ForecastNetwork:
         c = self.config
         return ForecastNetwork(backbone, d_model, self.data.shape[1], c.horizon, c.instance_norm)
@@ -157,9 +162,12 @@ class TimeseriesTask(Task):
                 sums[name] += torch.stack([err.pow(2).sum(), err.abs().sum()])
         return sums, len(starts)
 
-    def validation_loss(self, net: nn.Module, device: torch.device | str) -> float:
+    def validate(self, net: nn.Module, device: torch.device | str) -> dict[str, float]:
+        """Validation MSE over every window of the validation split (the checkpoint-selection loss)."""
+        was_training = net.training
         sums, windows = self.split_errors(net, device, "val")
-        return float(sums["model"][0]) / (windows * self.config.horizon * self.data.shape[1])
+        net.train(was_training)
+        return {"val_loss": float(sums["model"][0]) / (windows * self.config.horizon * self.data.shape[1])}
 
     def evaluate(self, net: nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
         c = self.config

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from models.neural_memory import (
     use_native,
 )
 
+FIXTURES = Path(__file__).parent / "fixtures"
 needs_native = pytest.mark.skipif(not native_scan.available(),
                                   reason="no C++ compiler: the compiled scan is unavailable")
 KERNELS = ["torch", pytest.param("native", marks=needs_native)]
@@ -124,11 +126,28 @@ GRAD_CASES = [(chunk, read, depth, momentum) for chunk, read in ((1, 16), (4, 16
               for depth in (1, 2, 3) for momentum in (True, False)]
 
 
+def median_gradient_norm(weights, k, v):
+    """Midway between the two middle values over keys of the inner gradient's norm at these weights: a clip there
+    clips about half of them, and no key sits on the clip's kink."""
+    hs, slopes = mlp_forward(weights, k)
+    ds = mlp_backprop(weights, slopes, 2 * (hs[-1] - v))
+    norms = sum(h.pow(2).sum(-1) * d.pow(2).sum(-1) for h, d in zip(hs[:-1], ds, strict=True)).sqrt().flatten().sort()
+    middle = norms.values.numel() // 2
+    return norms.values[middle - 1 : middle + 1].mean().item()
+
+
+CLIP_CASES = [(4, 16, 2, True), (16, 4, 3, True), (32, 8, 1, False), (1, 16, 2, True)]
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("chunk,read_chunk,depth,momentum", GRAD_CASES)
-def test_hand_written_scan_backward_equals_autograd_through_the_token_loop(chunk, read_chunk, depth, momentum, kernel):
-    # a call that starts inside a chunk (its own anchor), whole chunks cut into sub-chunks, and a partial tail
+@pytest.mark.parametrize("chunk,read_chunk,depth,momentum,clip", [(*case, False) for case in GRAD_CASES]
+                         + [(*case, True) for case in CLIP_CASES])
+def test_hand_written_scan_backward_equals_autograd_through_the_token_loop(chunk, read_chunk, depth, momentum, clip,
+                                                                          kernel):
+    # a call that starts inside a chunk (its own anchor), whole chunks cut into sub-chunks, and a partial tail;
+    # with a clip at the median gradient norm, about half the keys take each branch of the clip
     weights, mom, q, k, v, log_eta, log_keep, theta = scan_inputs(depth, n=83, momentum=momentum)
+    bound = median_gradient_norm(weights, k, v) if clip else 0.0
     g = torch.Generator().manual_seed(5)
     anchor = [w + 0.1 * torch.randn(w.shape, generator=g, dtype=w.dtype) for w in weights]
     leaves = [t.clone().requires_grad_(True) for t in (*weights, *mom, *anchor, q, k, v, log_eta, log_keep, theta)]
@@ -138,7 +157,7 @@ def test_hand_written_scan_backward_equals_autograd_through_the_token_loop(chunk
     def grads(scan, **kw):
         nonlocal probes
         w, s, a = (leaves[i * depth : (i + 1) * depth] for i in range(3))
-        y, w_end, s_end, _ = scan(w, s, a, offset, chunk, *leaves[3 * depth :], **kw)
+        y, w_end, s_end, _ = scan(w, s, a, offset, chunk, *leaves[3 * depth :], clip=bound, **kw)
         outs = [y, *w_end, *s_end]
         probes = probes or [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
         loss = sum((o * p).sum() for o, p in zip(outs, probes, strict=True))
@@ -163,6 +182,65 @@ def test_gradcheck_with_sub_chunks_and_a_chunk_continued_from_an_earlier_call(ke
         return (y, *w, *s)
 
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("chunk,depth", [(1, 2), (4, 1), (16, 2), (64, 3)])
+def test_clipped_chunk_parallel_equals_the_clipped_token_loop_and_clips(chunk, depth, kernel):
+    weights, mom, q, k, v, log_eta, log_keep, theta = scan_inputs(depth)
+    bound = median_gradient_norm(weights, k, v)
+    args = (weights, mom, weights, 0, chunk, q, k, v, log_eta, log_keep, theta)
+    y_ref, w_ref, s_ref, _ = reference_scan(*args, clip=bound)
+    y, w, s, _ = chunked_scan(*args, kernel=kernel, clip=bound)
+    assert rel_err(y, y_ref) < 1e-9 and all(rel_err(a, b) < 1e-9 for a, b in zip(w + s, w_ref + s_ref, strict=True))
+    assert rel_err(y, reference_scan(*args)[0]) > 1e-3  # the bound changed the result
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradcheck_of_the_clipped_scan(kernel):
+    weights, mom, q, k, v, log_eta, log_keep, theta = scan_inputs(2, n=11, b=1, h=2, dh=3, hidden=4)
+    bound = median_gradient_norm(weights, k, v)
+    leaves = [t.clone().requires_grad_(True) for t in (*weights, *mom, q, k, v, log_eta, log_keep, theta)]
+
+    def f(*t):
+        y, w, s, _ = chunked_scan(list(t[:2]), list(t[2:4]), list(t[:2]), 0, 4, *t[4:], read_chunk=2, kernel=kernel,
+                                  clip=bound)
+        return (y, *w, *s)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+def captured(name: str, **overrides) -> tuple[NeuralMemory, torch.Tensor]:
+    """A memory layer and its input captured from a training run (tests/fixtures/README.md)."""
+    case = torch.load(FIXTURES / name)
+    layer = NeuralMemory(case["dim"], MemoryConfig(**{**case["config"], **overrides}))
+    layer.load_state_dict(case["state_dict"])
+    return layer, case["x"]
+
+
+@needs_native
+def test_compiled_float32_scan_stays_finite_where_its_hidden_pre_activations_overflow_exp():
+    # captured from an LMM whose memory weights had grown until some sigmoid(z) had exp(-z) = inf in float32:
+    # under -ffast-math a vectorised 1 / (1 + inf) became NaN (tests/fixtures/README.md)
+    layer, x = captured("memory_sigmoid_overflow_fp32.pt", kernel="native", clip=0.0)
+    with torch.no_grad():
+        y = layer(x)[0]
+        y_torch = captured("memory_sigmoid_overflow_fp32.pt", kernel="torch", clip=0.0)[0](x)[0]
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_torch, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_inner_gradient_clip_keeps_a_captured_exploding_memory_bounded(kernel):
+    # captured from a MAL whose memory weights grew ~1e10-fold within 64 tokens in float32 (step sizes that were
+    # stable at the start of training were not once the weights had grown; tests/fixtures/README.md)
+    for clip, finite in ((0.0, False), (MemoryConfig().clip, True)):
+        layer, x = captured("memory_inner_loop_explodes_fp32.pt", kernel=kernel, clip=clip)
+        with torch.no_grad():
+            y, state = layer(x)
+        norm = max(w.abs().max().item() for w in state["weights"])
+        assert torch.isfinite(y).all() == finite, clip
+        assert (norm < 10) == finite, (clip, norm)
 
 
 def layer_pair(depth=2, chunk=16, **kw):
@@ -191,7 +269,7 @@ def test_chunk_loops_leave_the_thread_count_as_they_found_it():
         layer(torch.randn(1, 20, 32, dtype=torch.float64, requires_grad=True))[0].sum().backward()
         assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError), torch.no_grad():  # an error inside the loop restores it too
-            KeyScan.apply(1, torch.zeros(1, 4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 1, 4, 5),
+            KeyScan.apply(1, 0.0, torch.zeros(1, 4, 3), torch.zeros(1, 2, 3), torch.zeros(1, 1, 4, 5),
                           torch.zeros(1, 1, 4, 3), torch.zeros(1, 1, 2, 1, 4), torch.zeros(1, 1, 2, 2))
         assert torch.get_num_threads() == 2
     finally:
@@ -223,15 +301,15 @@ def pairs_major(tensors):
     return [t.transpose(0, 1) if i >= len(tensors) - 7 else t for i, t in enumerate(tensors)]
 
 
-def compiled_scan_and_read(depth, *tensors):
+def compiled_scan_and_read(depth, bound, *tensors):
     """ScanRead on scan_case's layout: what torch_scan_and_read returns, from the compiled loops."""
-    y, *end = ScanRead.apply(depth, *pairs_major(tensors))
+    y, *end = ScanRead.apply(depth, bound, *pairs_major(tensors))
     return (y.transpose(0, 1), *end)
 
 
-def torch_scan_and_read(depth, *tensors):
+def torch_scan_and_read(depth, bound, *tensors):
     """The torch loops' composition that ScanRead computes in one pass: the reads and the end states."""
-    out = KeyScan.apply(depth, *tensors[: 2 * depth + 4])
+    out = KeyScan.apply(depth, bound, *tensors[: 2 * depth + 4])
     path, end = out[:depth], out[depth : 2 * depth]
     zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
     subs = tensors[-3].shape[0] // tensors[2 * depth].shape[0]
@@ -240,19 +318,28 @@ def torch_scan_and_read(depth, *tensors):
 
 
 @needs_native
+@pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("subs,widths", [(2, (8, 16, 32, 8)), (1, (6, 12, 6)), (4, (16, 16))])
-def test_compiled_scan_and_reads_equal_the_torch_loops_forward_and_backward(dtype, subs, widths):
+def test_compiled_scan_and_reads_equal_the_torch_loops_forward_and_backward(dtype, subs, widths, clip):
     # the loss sums the reads, so their upstream gradient is a broadcast tensor with zero strides
     case = scan_case(dtype, c=8 if subs < 4 else 16, subs=subs, widths=widths)
     depth, tol = len(widths) - 1, 1e-12 if dtype == torch.float64 else 1e-5  # relative to each largest entry
     g = torch.Generator().manual_seed(1)
     probes = None
+    bound = 0.0
+    if clip:  # a bound at the median key gradient: both branches of the clip's backward run
+        _, _, zs, ds, _ = native_scan.scan_and_read_recorded(*pairs_major(case))
+        hs = [pairs_major(case)[2], *map(F.silu, zs)]
+        norms = sum(h.pow(2).sum(-1) * d.pow(2).sum(-1) for h, d in zip(hs, ds, strict=True)).sqrt()
+        bound = norms.median().item() * 1.001
+        scales = native_scan.scan_and_read_recorded(*pairs_major(case), bound)[-1]
+        assert (scales < 1).any() and (scales == 1).any()
 
     def run(fn):
         nonlocal probes
         leaves = [t.clone().requires_grad_(True) for t in itertools.chain(*case[:2], case[2:])]
-        outs = fn(depth, *leaves)
+        outs = fn(depth, bound, *leaves)
         probes = probes or [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype) for o in outs[1:]]
         loss = outs[0].sum() + sum((o * p).sum() for o, p in zip(outs[1:], probes, strict=True))
         return outs, torch.autograd.grad(loss, leaves)
@@ -260,7 +347,7 @@ def test_compiled_scan_and_reads_equal_the_torch_loops_forward_and_backward(dtyp
     (expected, expected_grads), (got, got_grads) = run(torch_scan_and_read), run(compiled_scan_and_read)
     for e, a in zip((*expected, *expected_grads), (*got, *got_grads), strict=True):
         assert torch.isfinite(e).all() and rel_err(a, e) < tol
-    y, end = native_scan.scan_and_read(*pairs_major(case))  # inference: the same reads without recording
+    y, end = native_scan.scan_and_read(*pairs_major(case), bound)  # inference: the same reads, nothing recorded
     assert rel_err(y.transpose(0, 1), expected[0]) < tol
     assert all(rel_err(a, e) < tol for a, e in zip(end, expected[1:], strict=True))
 
@@ -356,10 +443,10 @@ def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
     try:
         for n in (1, 4, 6):
             torch.set_num_threads(n)
-            y, path, zs, ds = native_scan.scan_and_read_recorded(*case)
+            y, path, zs, ds, scales = native_scan.scan_and_read_recorded(*case, 2.0)
             grads = native_scan.scan_and_read_backward(anchor, k, write, mix, path, zs, ds, q, G, BBC,
-                                                       torch.ones_like(y), [p[:, -1] for p in path])
-            flat = [y, *path, *zs, *ds, *itertools.chain(*(g if isinstance(g, list) else [g] for g in grads))]
+                                                       torch.ones_like(y), [p[:, -1] for p in path], scales, 2.0)
+            flat = [y, *path, *zs, *ds, scales, *itertools.chain(*(g if isinstance(g, list) else [g] for g in grads))]
             results.append(torch.cat([t.flatten() for t in flat]))
     finally:
         torch.set_num_threads(threads)

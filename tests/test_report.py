@@ -23,11 +23,11 @@ def synthetic_run(path, slowdown=1.0):
 def test_report_has_tables_claims_and_plots_from_the_csv_alone(tmp_path):
     store = synthetic_run(tmp_path / "run")
     text = report.build(store.dir).read_text()
-    for heading in ("## Setup", "## Models", "## Copy", "## Scaling", "## Claims ledger", "## Plots"):
+    for heading in ("## Setup", "## Models", "## copy", "## Scaling", "## Claims ledger", "## Plots"):
         assert heading in text
     assert "| C1 |" in text and "**supported**" in text
     pngs = list((store.dir / "plots").glob("*.png"))
-    assert {"scaling_time_forward_s.png", "accuracy_vs_length_copy.png"} <= {p.name for p in pngs}
+    assert {"scaling_time_forward_s.png", "recall_vs_length_copy_copy.png"} <= {p.name for p in pngs}
     assert all(p.stat().st_size > 5000 for p in pngs)
 
 

@@ -1,0 +1,124 @@
+"""What a run says about accuracy, computed once for the report, the plots and the claims ledger.
+
+Each task names its headline metric (`Task.headline` in the task registry: exact_match for copy and niah,
+query_accuracy for mqar, test_mse for timeseries). Per model, task, seed and length n the headline is pooled over
+the task's other grid axes (the needle depths of niah, weighting each cell by its samples); for mqar the length
+curve is the slice at the largest trained pair count, and the full (pairs x length) grid has its own heatmap.
+Across seeds a model's value at n is the seeds' mean, with their range as the spread: a difference between two
+models is called only where those ranges separate. With a single seed, the 95 % Wilson interval of the pooled
+answers stands in for the range; a single seed of an error metric (forecast MSE) has no spread and decides
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+import tasks
+from tasks.base import wilson_interval
+
+LOWER_IS_BETTER = ("mse", "mae", "loss")
+
+
+def headline(task: str) -> str | None:
+    """The task's headline metric, from the registry (None for a task that is not registered)."""
+    return getattr(tasks.TASKS[task].task_cls, "headline", None) if task in tasks.TASKS else None
+
+
+def higher_is_better(metric: str) -> bool:
+    return not any(part in metric for part in LOWER_IS_BETTER)
+
+
+def extra_field(frame: pd.DataFrame, key: str) -> pd.Series:
+    """One key of the rows' `extra` JSON column, NaN where absent."""
+    def get(e):
+        if not isinstance(e, str):
+            return np.nan
+        value = json.loads(e).get(key)
+        return np.nan if value is None else value
+    return frame["extra"].map(get) if "extra" in frame else pd.Series(np.nan, index=frame.index)
+
+
+def trained_length(rows: pd.DataFrame) -> float:
+    """The training length the rows declare (their task's longest training sequence), NaN if none."""
+    values = extra_field(rows, "trained_length").dropna()
+    return float(values.max()) if len(values) else float("nan")
+
+
+def headline_rows(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The ok rows of the task's headline metric on its length curve, with `samples` and `hits` columns."""
+    metric = headline(task)
+    rows = frame[(frame["task"] == task) & (frame["metric"] == metric) & (frame["status"] == "ok")].copy()
+    if rows.empty:
+        return rows
+    rows["samples"] = extra_field(rows, "samples").fillna(0)
+    rows["hits"] = (rows["value"] * rows["samples"]).round()
+    if "pairs" in rows and rows["pairs"].notna().any():  # mqar: the slice at the trained pair count
+        top = extra_field(rows, "trained_pairs")
+        rows = rows[rows["pairs"] == top]
+    return rows
+
+
+def per_seed(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The headline per (variant, model, seed, n), pooled over the other grid axes: columns variant, model, seed,
+    n, value, hits, samples. A task's variants (copy and selective copy, haystack kinds, datasets) are kept apart."""
+    rows = headline_rows(frame, task)
+    if rows.empty:
+        return pd.DataFrame(columns=["variant", "model", "seed", "n", "value", "hits", "samples"])
+    rows["variant"] = rows["variant"].fillna(task)
+    pooled = rows.groupby(["variant", "model", "seed", "n"]).agg(
+        hits=("hits", "sum"), samples=("samples", "sum"), mean=("value", "mean")).reset_index()
+    pooled["value"] = np.where(pooled["samples"] > 0, pooled["hits"] / pooled["samples"].clip(lower=1),
+                               pooled["mean"])
+    return pooled.drop(columns="mean")
+
+
+def summary(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Per (variant, model, n): mean over seeds, the spread (seed range, or the Wilson interval with one seed) as
+    low and high, and the number of seeds."""
+    seeds = per_seed(frame, task)
+    out = []
+    for (variant, model, n), g in seeds.groupby(["variant", "model", "n"]):
+        if len(g) > 1:
+            low, high = g["value"].min(), g["value"].max()
+        elif g["samples"].iloc[0] > 0:
+            low, high = wilson_interval(int(g["hits"].iloc[0]), int(g["samples"].iloc[0]))
+        else:  # one seed of a metric with no sampling interval (an error over fixed windows): no spread known
+            low = high = np.nan
+        out.append({"variant": variant, "model": model, "n": n, "value": g["value"].mean(), "low": low, "high": high,
+                    "seeds": len(g)})
+    return pd.DataFrame(out, columns=["variant", "model", "n", "value", "low", "high", "seeds"])
+
+
+def compare(a: pd.Series, b: pd.Series, higher: bool) -> str:
+    """'win' / 'loss' for a against b where their spreads (low, high) separate, else 'tie' (also where a spread
+    is unknown)."""
+    if np.isnan([a["low"], a["high"], b["low"], b["high"]]).any():
+        return "tie"
+    if (a["low"] > b["high"]) if higher else (a["high"] < b["low"]):
+        return "win"
+    if (a["high"] < b["low"]) if higher else (a["low"] > b["high"]):
+        return "loss"
+    return "tie"
+
+
+def cost_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Per (variant, model): parameters, training tokens (tokens/s x wall time), wall time and the final
+    validation accuracy, means over seeds; and every status its cells ended with."""
+    rows = frame[(frame["task"] == task) & (frame["kind"] == "train")].copy()
+    rows["variant"] = rows["variant"].fillna(task)
+    out = []
+    for (variant, model), g in rows.groupby(["variant", "model"]):
+        means = g.groupby("metric")["value"].mean()
+        steps, rate, wall, val = (float(means.get(name, math.nan)) for name in
+                                  ("train_steps", "train_tokens_per_s", "train_wall_s", "val_accuracy"))
+        params = g["params"].dropna()
+        out.append({"variant": variant, "model": model, "params": int(params.iloc[0]) if len(params) else 0,
+                    "seeds": g["seed"].nunique(), "steps": steps, "training tokens": rate * wall,
+                    "wall s": wall, "val accuracy": val,
+                    "statuses": ", ".join(sorted(set(g["status"].dropna())))})
+    return pd.DataFrame(out)
