@@ -33,11 +33,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+class DeviceError(ValueError):
+    pass
+
+
 def resolve_device(requested: str | None) -> str:
     if requested in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but torch sees no CUDA device; valid here: cpu")
+        raise DeviceError("--device cuda requested but torch sees no CUDA device; valid here: cpu, auto")
     return requested
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 import models
 from bench import claims, plots
 from bench.scaling import best_class, crossover, fit_power
+from bench.store import read_frame
 from tasks.base import wilson_interval
 
 PUBLISHED_ETTH1_96 = (
@@ -174,7 +175,7 @@ def claims_section(frame: pd.DataFrame) -> str:
 
 def build(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    frame = pd.read_csv(run_dir / "results.csv")
+    frame = read_frame(run_dir)  # the store's repairing read: torn or duplicated rows never reach the report
     pictures = plots.all_plots(frame, run_dir / "plots")
     sections = [f"# titans-bench report — {run_dir.name}", setup_section(run_dir, frame), models_section(frame),
                 accuracy_section(frame, "copy", "Copy"), accuracy_section(frame, "niah", "Needle in a haystack"),

@@ -90,7 +90,8 @@ def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> li
     except Exception as err:  # a failing cell must not end the sweep
         status = "oom" if is_oom(err) else "error"
         detail = traceback.format_exception_only(err)[-1].strip()
-        rows = [{"metric": "status", "value": float("nan"), "status": status, "error": detail}]
+        rows = [{"n": cell.run_config.get("n"), "metric": "status", "value": float("nan"), "status": status,
+                 "error": detail}]  # n: a profile point that failed says where
     identity = {"kind": cell.kind, "model": cell.model, "task": cell.task, "seed": cell.seed,
                 "device": device, "threads": threads, "wall_s": time.perf_counter() - start,
                 "config": cell.as_dict()}
