@@ -188,7 +188,7 @@ def expand(name: str, data: dict[str, Any], where: str | None = None) -> Suite:
                              f"got {entries!r}")
         entry_cls, make_cells = ENTRIES[section]
         for i, raw in enumerate(entries):
-            at = where or f"suite {name!r}, [[{section}]] #{i + 1}"
+            at = where if where is not None else f"suite {name!r}, [[{section}]] #{i + 1}"
             try:
                 cells += make_cells(at, shared, make_config(entry_cls, raw, at, noun="key"))
             except (ConfigError, KeyError) as err:
