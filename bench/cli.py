@@ -166,7 +166,10 @@ def failures(frame: pd.DataFrame, cells: list[Cell], statuses: tuple[str, ...]) 
     out = []
     for cell_id, rows in bad.groupby("cell_id", sort=False):
         extra = rows["extra"].dropna()
-        reason = json.loads(extra.iloc[0]).get("error", "") if len(extra) else ""
+        try:
+            reason = json.loads(extra.iloc[0]).get("error", "") if len(extra) else ""
+        except (json.JSONDecodeError, AttributeError):  # extra of a row from an older version
+            reason = str(extra.iloc[0])
         out.append(f"{labels[cell_id]}: {rows['status'].iloc[0]}" + (f" ({reason})" if reason else ""))
     return out
 

@@ -1,4 +1,5 @@
-"""What a run was measured on: recorded next to its results as env.json."""
+"""What a run was measured on: recorded next to its results in env.json, one entry per command that wrote to
+the run (RunStore.record_invocation keeps the history)."""
 
 from __future__ import annotations
 
