@@ -69,7 +69,7 @@ def per_seed(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     rows = headline_rows(frame, task)
     if rows.empty:
         return pd.DataFrame(columns=["variant", "model", "seed", "n", "value", "hits", "samples"])
-    rows["variant"] = rows["variant"].fillna(task)
+    rows["variant"], rows["seed"] = rows["variant"].astype(object).fillna(task), rows["seed"].fillna(0)
     pooled = rows.groupby(["variant", "model", "seed", "n"]).agg(
         hits=("hits", "sum"), samples=("samples", "sum"), mean=("value", "mean")).reset_index()
     pooled["value"] = np.where(pooled["samples"] > 0, pooled["hits"] / pooled["samples"].clip(lower=1),
@@ -110,7 +110,7 @@ def cost_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     """Per (variant, model): parameters, training tokens (tokens/s x wall time), wall time and the final
     validation accuracy, means over seeds; and every status its cells ended with."""
     rows = frame[(frame["task"] == task) & (frame["kind"] == "train")].copy()
-    rows["variant"] = rows["variant"].fillna(task)
+    rows["variant"] = rows["variant"].astype(object).fillna(task)
     out = []
     for (variant, model), g in rows.groupby(["variant", "model"]):
         means = g.groupby("metric")["value"].mean()

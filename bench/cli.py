@@ -1,10 +1,18 @@
-"""`python -m bench`: list, train, run. Bad arguments exit 2 with a message naming the valid choices."""
+"""`python -m bench`: list, train, run, profile, claims, compare, report.
+
+Exit status: 0 done; 1 a requested cell failed (`train`: its cell did not end `ok`; `run` and `profile`: a cell
+ended `error`; the reason is printed); 2 bad input (arguments, option values, suite files, data files, a run
+folder that is unreadable, locked by another writer or holds another suite); 130 interrupted (Ctrl-C), after one
+line saying what is stored and the command that resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 import tomllib
@@ -19,20 +27,34 @@ import tasks
 from bench import claims, compare, env, report, suite
 from bench.cells import Cell
 from bench.profile import METRICS, MODES
+from bench.ray_executor import RayUnreachable, connect
 from bench.runner import run_cells
-from bench.store import RunStore
+from bench.store import RunStore, StoreError, read_frame
+from models.config import ConfigError
 from tasks.data import DataError
 
 RESULTS_ROOT = Path("results")
 
 
+class UsageError(ValueError):
+    pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a sweep; the message says what is stored and how to resume."""
+
+
+BAD_INPUT = (UsageError, suite.SuiteError, ConfigError, DataError, StoreError, RayUnreachable, env.DeviceError)
+
+
 def parse_assignments(items: list[str] | None, flag: str) -> dict[str, Any]:
-    """KEY=VALUE pairs; VALUE is read as TOML (numbers, booleans, [lists], "strings") or else kept as text."""
+    """KEY=VALUE pairs; VALUE is read as TOML (numbers, booleans, [lists], "strings") or else kept as text (the
+    option's type check then names a value that should have been a number or a list)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
         try:
             out[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -41,11 +63,17 @@ def parse_assignments(items: list[str] | None, flag: str) -> dict[str, Any]:
 
 
 def new_run_dir(root: Path, label: str) -> Path:
+    """A fresh run folder, created here so that two runs started in the same second never share one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, i = root / f"{stamp}-{label}", 1
-    while path.exists():
-        path, i = root / f"{stamp}-{label}-{i}", i + 1
-    return path
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            path, i = root / f"{stamp}-{label}-{i}", i + 1
+        except OSError as err:
+            raise StoreError(f"cannot create a run folder under {root}: {err.strerror}") from None
 
 
 def setup(args: argparse.Namespace) -> tuple[str, int]:
@@ -56,7 +84,7 @@ def setup(args: argparse.Namespace) -> tuple[str, int]:
 
 def print_rows(frame) -> None:
     cols = [c for c in ("model", "task", "n", "metric", "value", "ci_low", "ci_high", "status") if c in frame]
-    with pd.option_context("display.max_rows", 500, "display.width", 160):
+    with pd.option_context("display.max_rows", 1000, "display.width", 160):
         print(frame[cols].to_string(index=False))
 
 
@@ -67,7 +95,89 @@ def prepare(cells: list[Cell]) -> None:
         key = (cell.task, json.dumps(cell.task_config, sort_keys=True, default=list))
         if cell.task and key not in seen:
             seen.add(key)
-            tasks.build(cell.task, **cell.task_config).prepare()
+            try:
+                tasks.build(cell.task, **cell.task_config).prepare()
+            except OSError as err:
+                what = err.filename or "its data"
+                raise DataError(f"task {cell.task!r}: cannot read {what}: {err.strerror}") from None
+
+
+def open_store(run_dir: Path) -> RunStore:
+    """The run folder's store (its lock held), saying what a repair on open left out."""
+    store = RunStore(run_dir)
+    if store.repairs.summary():
+        kept = " (the dropped lines are kept in results.dropped)" if store.repairs.dropped else ""
+        print(f"note: {store.path} repaired on open: {store.repairs.summary()}{kept}", file=sys.stderr)
+    return store
+
+
+def fingerprint(cells: list[Cell]) -> str:
+    return hashlib.sha256("\n".join(sorted(c.id for c in cells)).encode()).hexdigest()[:16]
+
+
+def invocation(threads: int, device: str, label: str, cells: list[Cell]) -> dict[str, Any]:
+    """env.json's entry for this command: the environment, and which cells it was asked to run."""
+    return {**env.collect(threads, device), "suite": label, "cells": len(cells),
+            "cells_fingerprint": fingerprint(cells)}
+
+
+def check_same_suite(store: RunStore, s: suite.Suite) -> None:
+    """Refuse to resume a run with a suite other than the one it was started with (cells would mix)."""
+    ids = {c.id for c in s.cells}
+    recorded = [inv for inv in store.invocations() if "cells_fingerprint" in inv]
+    foreign = store.done_cells() - ids
+    if foreign or (recorded and recorded[-1]["cells_fingerprint"] != fingerprint(s.cells)):
+        was = f"suite {recorded[-1]['suite']!r} ({recorded[-1]['cells']} cells)" if recorded else "another suite"
+        raise UsageError(f"{store.dir} was run with {was}; suite {s.name!r} has {len(ids)} cell(s), "
+                         f"{len(ids - store.done_cells())} of them not stored yet, and {len(foreign)} stored cell(s) "
+                         "are not in it. Resuming would mix two suites in one run: give a new run folder, or add "
+                         "--allow-suite-change to mix them on purpose.")
+
+
+def resume_command(argv: list[str], flag: str, run_dir: Path) -> str:
+    """The command line that continues this one: argv with `flag RUN_DIR` set to the run folder."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return shlex.join(["python", "-m", "bench", *out, flag, str(run_dir)])
+
+
+def execute(args: argparse.Namespace, cells: list[Cell], store: RunStore, device: str, threads: int,
+            resume_flag: str, **kwargs: Any) -> int:
+    """Run the cells; on Ctrl-C raise Interrupted with one line: what is stored and the command that resumes."""
+    try:
+        return run_cells(cells, store, device, threads, **kwargs)
+    except KeyboardInterrupt:
+        stored = len({c.id for c in cells} & set(store.frame()["cell_id"]))  # the file, even mid-append
+        raise Interrupted(f"interrupted: {stored} of {len(cells)} cell(s) stored in {store.path} (finished cells "
+                          f"are kept, the one running is not); resume with: "
+                          f"{resume_command(args.argv, resume_flag, store.dir)}") from None
+
+
+def failures(frame: pd.DataFrame, cells: list[Cell], statuses: tuple[str, ...]) -> list[str]:
+    """One line per requested cell whose rows carry one of `statuses`, with the reason from `extra`."""
+    labels = {c.id: c.label for c in cells}
+    bad = frame[frame["cell_id"].isin(labels) & frame["status"].isin(statuses)]
+    out = []
+    for cell_id, rows in bad.groupby("cell_id", sort=False):
+        extra = rows["extra"].dropna()
+        try:
+            reason = json.loads(extra.iloc[0]).get("error", "") if len(extra) else ""
+        except (json.JSONDecodeError, AttributeError):  # extra of a row from an older version
+            reason = str(extra.iloc[0])
+        out.append(f"{labels[cell_id]}: {rows['status'].iloc[0]}" + (f" ({reason})" if reason else ""))
+    return out
+
+
+def report_failures(lines: list[str]) -> int:
+    for line in lines:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if lines else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -93,23 +203,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "val_every": args.val_every}.items() if v is not None}
     task_cfg = parse_assignments(args.task_arg, "--task-arg")
     task_cfg.update({k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v})
-    cell = Cell(kind="train", model=args.model, task=args.task, seed=args.seed,
-                model_config=parse_assignments(args.model_arg, "--model-arg"), task_config=task_cfg,
-                run_config=train_cfg)
-    try:
-        suite.expand("train", {"train": [{"task": cell.task, "models": [cell.model], "seeds": [cell.seed],
-                                          "task_config": cell.task_config, "train_config": cell.run_config,
-                                          "model_config": cell.model_config}]})
-        prepare([cell])
-    except (suite.SuiteError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    store = RunStore(args.run_dir or new_run_dir(args.results, f"train-{args.model}-{args.task}"))
-    store.write_json("env.json", env.collect(threads, device))
-    run_cells([cell], store, device, threads)
-    print_rows(store.frame())
+    entry = {"task": args.task, "models": [args.model], "seeds": [args.seed], "task_config": task_cfg,
+             "train_config": train_cfg, "model_config": parse_assignments(args.model_arg, "--model-arg")}
+    cells = suite.expand("train", {"train": [entry]}, where="train").cells
+    prepare(cells)
+    with open_store(args.run_dir or new_run_dir(args.results, f"train-{args.model}-{args.task}")) as store:
+        store.record_invocation(invocation(threads, device, "train", cells))
+        execute(args, cells, store, device, threads, "--run-dir")
+        frame = store.frame()
+    print_rows(frame[frame["cell_id"] == cells[0].id])
     print(f"results: {store.path}")
-    return 0
+    return report_failures(failures(frame, cells, ("error", "oom", "timeout", "diverged")))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -118,68 +222,102 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             import ray  # noqa: F401
         except ImportError:
-            print("error: --executor ray needs Ray: pip install '.[ray]'", file=sys.stderr)
-            return 2
-    try:
-        s = suite.load(args.suite)
-        prepare(s.cells)
-    except (suite.SuiteError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "results.csv").exists():
-            print(f"error: --resume {run_dir}: no results.csv there", file=sys.stderr)
-            return 2
-    else:
-        run_dir = new_run_dir(args.results, s.name)
-    store = RunStore(run_dir)
-    store.write_json("env.json", {**env.collect(threads, device), "suite": s.name})
-    ran = run_cells(s.cells, store, device, threads, executor=args.executor, address=args.address)
-    print(f"{s.name}: {ran} cell(s) run, {len(s.cells) - ran} already done; results: {store.path}")
-    print(f"report: {report.build(store.dir)}")
-    return 0
+            raise UsageError("--executor ray needs Ray: pip install '.[ray]'") from None
+    s = suite.load(args.suite)
+    if s.duplicates:
+        print(f"note: suite {s.name!r} lists {s.duplicates} cell(s) more than once; each runs once", file=sys.stderr)
+    prepare(s.cells)
+    if args.resume and not (Path(args.resume) / "results.csv").is_file():
+        raise UsageError(f"--resume {args.resume}: no results.csv there (give a run folder, results/<run-id>)")
+    if args.executor == "ray":
+        connect(args.address)  # before the run folder exists: an unreachable cluster leaves nothing behind
+    with open_store(Path(args.resume) if args.resume else new_run_dir(args.results, s.name)) as store:
+        if not args.allow_suite_change:
+            check_same_suite(store, s)
+        store.record_invocation(invocation(threads, device, s.name, s.cells))
+        ran = execute(args, s.cells, store, device, threads, "--resume", executor=args.executor,
+                      address=args.address)
+        print(f"{s.name}: {ran} cell(s) run, {len(s.cells) - ran} already done; results: {store.path}")
+        try:
+            print(f"report: {build_report(store.dir)}")
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted while writing the report; all {len(s.cells)} cells are stored in "
+                              f"{store.path}; rebuild it with: python -m bench report {store.dir}") from None
+        return report_failures(failures(store.frame(), s.cells, ("error",)))
+
+
+def finished_rows(run_dir: str) -> pd.DataFrame:
+    """A run's rows through the store's repairing read; a run with none yet is bad input for a reader."""
+    frame = read_frame(run_dir)
+    if frame.empty:
+        raise UsageError(f"{run_dir} holds no finished rows yet")
+    return frame
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    frames = []
-    for run in (args.run_a, args.run_b):
-        path = Path(run) / "results.csv"
-        if not path.exists():
-            print(f"error: {path} not found: give two run folders", file=sys.stderr)
-            return 2
-        frames.append(pd.read_csv(path))
-    print(compare.compare(*frames, threshold=args.threshold))
+    print(compare.compare(finished_rows(args.run_a), finished_rows(args.run_b), threshold=args.threshold))
     return 0
 
 
+def build_report(run_dir: Path | str) -> Path:
+    try:
+        return report.build(run_dir)
+    except OSError as err:
+        raise StoreError(f"cannot write the report in {run_dir}: {err.strerror}") from None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    if not (Path(args.run_dir) / "results.csv").exists():
-        print(f"error: no results.csv in {args.run_dir}: give a run folder (results/<run-id>)", file=sys.stderr)
-        return 2
-    print(f"report: {report.build(args.run_dir)}")
+    finished_rows(args.run_dir)
+    print(f"report: {build_report(args.run_dir)}")
     return 0
 
 
 def parse_lengths(text: str) -> list[int]:
-    """`256:16384` (powers of two from 256 to 16384) or `256,1000,4096`."""
+    """`256:16384` (doublings from 256 to 16384: HIGH must be LOW times a power of two) or `256,1000,4096`."""
+    usage = "use LOW:HIGH (doublings, 1 <= LOW <= HIGH, HIGH = LOW x 2^k) or a comma list of lengths >= 1"
     try:
         if ":" in text:
             low, high = (int(v) for v in text.split(":"))
-            if low < 1 or high < low:
+            if low < 1:
                 raise ValueError
-            out, n = [], low
-            while n <= high:
-                out.append(n)
-                n *= 2
+            out = [low]
+            while out[-1] < high:
+                out.append(out[-1] * 2)
+            if out[-1] != high:
+                raise ValueError
             return out
         out = [int(v) for v in text.split(",")]
         if min(out) < 1:
             raise ValueError
         return out
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid lengths {text!r}: use LOW:HIGH (powers of two, 1 <= LOW <= HIGH) or a comma list") from None
+        hint = ""
+        if ":" in text and all(v.strip().isdigit() for v in text.split(":")) and text.count(":") == 1:
+            low, high = (int(v) for v in text.split(":"))
+            if 1 <= low <= high:
+                below = low * 2 ** ((high // low).bit_length() - 1)
+                hint = f" ({below} or {below * 2} would end the doublings; or list them: {low},...,{high})"
+        raise argparse.ArgumentTypeError(f"invalid lengths {text!r}{hint}: {usage}") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a whole number >= 1")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not suite.SEED.ok(value):
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give a whole number {suite.SEED.valid}")
+    return value
 
 
 def parse_choices(valid: tuple[str, ...] | list[str], what: str):
@@ -199,24 +337,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
                if v is not None}
     data = {"profile": [{"models": args.models, "lengths": args.lengths, "metrics": args.metrics,
                          "modes": args.modes, "profile": profile}]}
-    s = suite.expand("profile", data)
-    store = RunStore(args.run_dir or new_run_dir(args.results, "profile"))
-    store.write_json("env.json", env.collect(threads, device))
-    run_cells(s.cells, store, device, threads)
-    frame = store.frame()
-    cols = ["model", "n", "metric", "value", "status"]
-    with pd.option_context("display.max_rows", 1000, "display.width", 160):
-        print(frame[cols].to_string(index=False))
+    cells = suite.expand("profile", data, where="profile").cells
+    with open_store(args.run_dir or new_run_dir(args.results, "profile")) as store:
+        store.record_invocation(invocation(threads, device, "profile", cells))
+        execute(args, cells, store, device, threads, "--run-dir")
+        frame = store.frame()
+    print_rows(frame[frame["cell_id"].isin({c.id for c in cells})])
     print(f"results: {store.path}")
-    return 0
+    return report_failures(failures(frame, cells, ("error",)))
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
-    path = Path(args.run_dir) / "results.csv"
-    if not path.exists():
-        print(f"error: {path} not found: give a run folder (results/<run-id>)", file=sys.stderr)
-        return 2
-    for v in claims.ledger(pd.read_csv(path)):
+    for v in claims.ledger(finished_rows(args.run_dir)):
         print(f"{v.id:<4} {v.verdict:<13} {v.claim}\n     {v.evidence}")
     return 0
 
@@ -228,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="cuda when available unless set (default: auto)")
-    common.add_argument("--threads", type=int, default=None,
-                        help="torch threads, fixed and recorded (default: all cores)")
+    common.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (>= 1), fixed and recorded (default: all cores)")
     common.add_argument("--results", type=Path, default=RESULTS_ROOT, help="root folder of run folders")
 
     sub.add_parser("list", help="models (with parameter counts and state sizes), tasks and suites")
@@ -237,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train one model on one task, then evaluate it")
     p.add_argument("--model", required=True, choices=models.names())
     p.add_argument("--task", required=True, choices=tasks.names())
-    p.add_argument("--seed", type=int, default=0, help="model-init seed (data seeds are task options)")
+    p.add_argument("--seed", type=seed, default=0, help="model-init seed (data seeds are task options)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -254,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: one cell after another here; ray: cells as Ray tasks (pip install .[ray])")
     p.add_argument("--address", help="Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--allow-suite-change", action="store_true",
+                   help="let --resume add the cells of a suite other than the run's (they mix in one run)")
 
     p = sub.add_parser("profile", parents=[common], help="time / memory / FLOPs of models against n")
     p.add_argument("--models", type=parse_choices(models.names(), "model"), default=["transformer", "lmm"],
@@ -287,5 +421,17 @@ COMMANDS = {"list": cmd_list, "train": cmd_train, "run": cmd_run, "profile": cmd
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    args.argv = argv
+    try:
+        return COMMANDS[args.command](args)
+    except BAD_INPUT as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted while no cell was running; nothing was lost", file=sys.stderr)
+        return 130

@@ -1,4 +1,5 @@
-"""What a run was measured on: recorded next to its results as env.json."""
+"""What a run was measured on: recorded next to its results in env.json, one entry per command that wrote to
+the run (RunStore.record_invocation keeps the history)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+class DeviceError(ValueError):
+    pass
+
+
 def resolve_device(requested: str | None) -> str:
     if requested in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but torch sees no CUDA device; valid here: cpu")
+        raise DeviceError("--device cuda requested but torch sees no CUDA device; valid here: cpu, auto")
     return requested
 
 

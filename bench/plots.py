@@ -154,7 +154,7 @@ def learning_curves(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
     rows = frame[(frame["task"] == task) & (frame["metric"] == "learning_curve")].copy()
     if rows.empty:
         return []
-    rows["variant"] = rows["variant"].fillna(task)
+    rows["variant"] = rows["variant"].astype(object).fillna(task)
     made = []
     for variant, group in rows.groupby("variant"):
         curves = [(model, status, json.loads(extra)["curve"]) for model, status, extra in

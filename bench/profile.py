@@ -26,6 +26,7 @@ from torch.utils import flop_counter
 
 import models
 from models.attention import AttentionMixer
+from models.config import above, at_least, check
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class ProfileConfig:
     warmup: int = 1
     memory_budget_mb: float = 10000.0  # points estimated or measured above it are recorded as `oom`
     time_budget_s: float = 30.0  # one step slower than this is recorded as `timeout`
+
+    def __post_init__(self):
+        check(self, batch=at_least(1), repeats=at_least(1), warmup=at_least(0), memory_budget_mb=above(0),
+              time_budget_s=above(0))
 
 
 def _register_cpu_sdpa_flops() -> None:

@@ -6,10 +6,13 @@
   still skips the larger n; different series and training cells run in parallel.
 - Faults: a worker that dies mid-cell is retried by Ray (`max_retries`); a cell that still fails becomes an
   `error` row. Rows reach the store only once, from the driver; an interrupted driver resumes from the store.
+- Connecting: `connect` first checks that something listens at HOST:PORT (CONNECT_TIMEOUT_S), because Ray
+  itself retries an unreachable address for minutes; the CLI connects before it creates the run folder.
 """
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +20,34 @@ from typing import Any
 from bench.cells import Cell
 
 MAX_RETRIES = 2
+CONNECT_TIMEOUT_S = 10.0
+
+
+class RayUnreachable(RuntimeError):
+    pass
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` ('auto', HOST:PORT, ray://HOST:PORT), or start a local one for None."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address not in (None, "auto"):
+        host, sep, port = address.removeprefix("ray://").rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise RayUnreachable(f"--address {address!r}: give HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT "
+                                 "or auto")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise RayUnreachable(f"no Ray cluster reachable at {address} within {CONNECT_TIMEOUT_S:.0f} s "
+                                 f"({err.strerror or err}): start one there with `ray start --head --port={port}`, "
+                                 "or leave out --address to run a local Ray") from None
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except ConnectionError as err:
+        raise RayUnreachable(f"cannot join Ray at {address}: {err}") from None
 
 
 def run_cell_remote(cell: dict[str, Any], device: str, threads: int) -> list[dict[str, Any]]:
@@ -36,8 +67,7 @@ def run_on_ray(queues: dict[str, deque], skipped: Callable[[Cell], list | None],
                settle: Callable[[Cell, list], None], device: str, threads: int, address: str | None) -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    connect(address)
     node_cpus = min(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
     remote = ray.remote(max_retries=MAX_RETRIES)(run_cell_remote)
     in_flight: dict[Any, tuple[str, Cell]] = {}

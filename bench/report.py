@@ -13,6 +13,7 @@ import pandas as pd
 import models
 from bench import accuracy, claims, plots
 from bench.scaling import best_class, crossover, fit_power
+from bench.store import read_frame
 
 PUBLISHED_ETTH1_96 = (
     "Published ETTh1 figures, look-back 96, MSE / MAE at horizon 96, as printed in the input-96 baseline table of "
@@ -173,7 +174,7 @@ def claims_section(frame: pd.DataFrame) -> str:
 
 def build(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    frame = pd.read_csv(run_dir / "results.csv")
+    frame = read_frame(run_dir)  # the store's repairing read: torn or duplicated rows never reach the report
     pictures = plots.all_plots(frame, run_dir / "plots")
     sections = [f"# titans-bench report — {run_dir.name}", setup_section(run_dir, frame), models_section(frame),
                 *(accuracy_section(frame, t) for t in sorted(frame["task"].dropna().unique())),

@@ -1,5 +1,7 @@
 """Runs cells and writes their rows to the store. A failing cell becomes a status row (`diverged`, `oom`,
-`error`), never a crashed sweep."""
+`error`), never a crashed sweep: `oom` for any allocation failure (torch's CUDA OutOfMemoryError, Python's
+MemoryError, the CPU allocator's "can't allocate memory"), `error` for the rest, with the message in `extra`.
+Ctrl-C (KeyboardInterrupt) is not a cell failure: it ends the sweep, and every finished cell is stored."""
 
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ from bench.store import RunStore
 from bench.train import TrainConfig, train
 from models.registry import make_config
 
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
 
 def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError | MemoryError) or any(m in text for m in OOM_MESSAGES)
 
 
 def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
@@ -89,7 +94,8 @@ def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> li
     except Exception as err:  # a failing cell must not end the sweep
         status = "oom" if is_oom(err) else "error"
         detail = traceback.format_exception_only(err)[-1].strip()
-        rows = [{"metric": "status", "value": float("nan"), "status": status, "error": detail}]
+        rows = [{"n": cell.run_config.get("n"), "metric": "status", "value": float("nan"), "status": status,
+                 "error": detail}]  # n: a profile point that failed says where
     identity = {"kind": cell.kind, "model": cell.model, "task": cell.task, "seed": cell.seed,
                 "device": device, "threads": threads, "wall_s": time.perf_counter() - start,
                 "config": cell.as_dict()}
@@ -98,11 +104,11 @@ def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> li
 
 def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, progress: bool = True,
               executor: str = "local", address: str | None = None) -> int:
-    """Run the cells the store does not hold yet, locally (one after another) or on Ray; returns how many ran.
-    Cells of one profile series run in order of n: once a point runs out of memory or time, larger n of the
-    same series are recorded as `skipped` without running."""
+    """Run the cells the store does not hold yet, each once, locally (one after another) or on Ray; returns how
+    many ran. Cells of one profile series run in order of n: once a point runs out of memory or time, larger n
+    of the same series are recorded as `skipped` without running."""
     done = store.done_cells()
-    todo = [c for c in cells if c.id not in done]
+    todo = list({c.id: c for c in cells if c.id not in done}.values())
     queues: dict[str, deque] = {}
     for cell in todo:
         queues.setdefault(cell.series or cell.id, deque()).append(cell)
@@ -124,13 +130,15 @@ def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, pro
         store.append(cell.id, rows)
         bar.update(1)
 
-    if executor == "ray":
-        run_on_ray(queues, skipped, settle, device, threads, address)
-    else:
-        for queue in queues.values():
-            while queue:
-                cell = queue.popleft()
-                bar.set_description(cell.label)
-                settle(cell, skipped(cell) or run_cell(cell, device, threads, progress))
-    bar.close()
+    try:
+        if executor == "ray":
+            run_on_ray(queues, skipped, settle, device, threads, address)
+        else:
+            for queue in queues.values():
+                while queue:
+                    cell = queue.popleft()
+                    bar.set_description(cell.label)
+                    settle(cell, skipped(cell) or run_cell(cell, device, threads, progress))
+    finally:
+        bar.close()
     return len(todo)

@@ -9,12 +9,17 @@
     seeds = [0]
     task_config = { train_max_len = 16 }
     train_config = { steps = 400 }
+
+Every entry is a typed dataclass (TrainEntry, ProfileEntry, StreamEntry, DynamicsEntry) and every model, task,
+training and profile config in it is built once at expansion, so a wrong key, type or range stops the suite
+before any cell runs, with a message naming the entry, the key, the value and what is valid. A cell listed
+twice (`seeds = [0, 0]`, or two entries that overlap) is kept once: its rows would otherwise be stored twice.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +28,13 @@ import tasks
 from bench.cells import Cell
 from bench.profile import METRICS, MODES, ProfileConfig
 from bench.train import TrainConfig
-from models.registry import make_config
+from models.config import ConfigError, Rule, above, at_least, check, each, make_config, one_of
+from models.neural_memory import RULES, MemoryConfig
 
 SUITES_DIR = Path(__file__).parent / "suites"
-TRAIN_KEYS = {"task", "models", "seeds", "task_config", "train_config", "model_config"}
-PROFILE_KEYS = {"models", "lengths", "metrics", "modes", "profile", "model_config"}
-STREAM_KEYS = {"models", "total", "piece", "checkpoints", "budget_s", "model_config"}
-DYNAMICS_KEYS = {"streams", "rules", "n", "window", "seeds", "memory"}
-TOP_KEYS = {"description", "model_config", "train", "profile", "stream", "dynamics"}
+SECTIONS = ("train", "profile", "stream", "dynamics")
+STREAMS = ("stationary", "shift")
+SEED = Rule(lambda s: 0 <= s < 2**63, "in [0, 2^63)")
 
 
 class SuiteError(ValueError):
@@ -42,6 +46,59 @@ class Suite:
     name: str
     description: str
     cells: list[Cell]
+    duplicates: int = 0  # cells listed more than once, kept once
+
+
+@dataclass(frozen=True)
+class TrainEntry:
+    task: str
+    models: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)
+    task_config: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        check(self, task=one_of(*tasks.names()), seeds=each(SEED))
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    models: tuple[str, ...]
+    lengths: tuple[int, ...]
+    metrics: tuple[str, ...] = METRICS
+    modes: tuple[str, ...] = MODES
+    profile: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        check(self, lengths=each(at_least(1)), metrics=each(one_of(*METRICS)), modes=each(one_of(*MODES)))
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    models: tuple[str, ...]
+    checkpoints: tuple[int, ...]
+    piece: int = 8192
+    budget_s: float = 300.0
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        check(self, checkpoints=each(at_least(1)), piece=at_least(1), budget_s=above(0))
+
+
+@dataclass(frozen=True)
+class DynamicsEntry:
+    streams: tuple[str, ...] = STREAMS
+    rules: tuple[str, ...] = RULES
+    n: int = 2048
+    window: int = 64
+    seeds: tuple[int, ...] = (0,)
+    memory: dict[str, Any] = field(default_factory=dict)  # MemoryConfig options besides `rule`
+
+    def __post_init__(self):
+        check(self, streams=each(one_of(*STREAMS)), rules=each(one_of(*RULES)), n=at_least(1),
+              window=at_least(1), seeds=each(SEED))
 
 
 def available() -> list[str]:
@@ -56,105 +113,106 @@ def _model_config(shared: dict[str, Any], entry: dict[str, Any], model: str) -> 
     return out
 
 
-def expand(name: str, data: dict[str, Any]) -> Suite:
-    unknown = set(data) - TOP_KEYS
-    if unknown:
-        raise SuiteError(f"suite {name!r}: unknown keys {sorted(unknown)}; valid: {sorted(TOP_KEYS)}")
-    shared = data.get("model_config", {})
-    cells = train_cells(name, shared, data.get("train", []))
-    cells += profile_cells(name, shared, data.get("profile", []))
-    cells += stream_cells(name, shared, data.get("stream", []))
-    cells += dynamics_cells(name, data.get("dynamics", []))
-    return Suite(name, data.get("description", ""), cells)
+def _per_model_tables(where: str, table: dict[str, Any]) -> None:
+    """Sub-tables of a model_config are per-model options: their names must be models."""
+    bad = sorted(k for k, v in table.items() if isinstance(v, dict) and k not in models.MODELS)
+    if bad:
+        raise SuiteError(f"{where}: model_config sub-table(s) {bad} are not models; valid: {', '.join(models.names())}")
 
 
-def _check(where: str, entry: dict[str, Any], valid: set[str], required: set[str]) -> None:
-    bad, missing = set(entry) - valid, required - set(entry)
-    if bad or missing:
-        raise SuiteError(f"{where}: missing {sorted(missing)}, unknown {sorted(bad)}; valid keys {sorted(valid)}")
-
-
-def _models(where: str, shared: dict[str, Any], entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _models(where: str, shared: dict[str, Any], entry: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(model, its merged config) for each model of an entry, each config built once to check it."""
+    _per_model_tables(where, entry.model_config)
     out = []
-    for model in entry["models"]:
-        cfg = _model_config(shared, entry.get("model_config", {}), model)
-        try:
-            models.build(model, **cfg)
-        except (KeyError, ValueError, TypeError) as err:
-            raise SuiteError(f"{where}: {err}") from err
+    for model in entry.models:
+        if model not in models.MODELS:
+            raise SuiteError(f"{where}: unknown model {model!r}; valid models: {', '.join(models.names())}")
+        cfg = _model_config(shared, entry.model_config, model)
+        make_config(models.spec(model).config_cls, cfg, f"model '{model}'")
         out.append((model, cfg))
     return out
 
 
-def train_cells(name: str, shared: dict[str, Any], entries: list[dict[str, Any]]) -> list[Cell]:
-    cells = []
-    for i, entry in enumerate(entries):
-        where = f"suite {name!r}, [[train]] #{i + 1}"
-        _check(where, entry, TRAIN_KEYS, {"task", "models"})
-        try:
-            tasks.build(entry["task"], **entry.get("task_config", {}))
-            make_config(TrainConfig, entry.get("train_config", {}), "train")
-        except (KeyError, ValueError, TypeError) as err:
-            raise SuiteError(f"{where}: {err}") from err
-        for model, cfg in _models(where, shared, entry):
-            for seed in entry.get("seeds", [0]):
-                cells.append(Cell(kind="train", model=model, task=entry["task"], seed=int(seed), model_config=cfg,
-                                  task_config=dict(entry.get("task_config", {})),
-                                  run_config=dict(entry.get("train_config", {}))))
-    return cells
+def train_cells(where: str, shared: dict[str, Any], entry: TrainEntry) -> list[Cell]:
+    tasks.build(entry.task, **entry.task_config)
+    make_config(TrainConfig, entry.train_config, "train")
+    return [Cell(kind="train", model=model, task=entry.task, seed=seed, model_config=cfg,
+                 task_config=dict(entry.task_config), run_config=dict(entry.train_config))
+            for model, cfg in _models(where, shared, entry) for seed in entry.seeds]
 
 
-def profile_cells(name: str, shared: dict[str, Any], entries: list[dict[str, Any]]) -> list[Cell]:
-    cells = []
-    for i, entry in enumerate(entries):
-        where = f"suite {name!r}, [[profile]] #{i + 1}"
-        _check(where, entry, PROFILE_KEYS, {"models", "lengths"})
-        metrics, modes = entry.get("metrics", list(METRICS)), entry.get("modes", list(MODES))
-        if set(metrics) - set(METRICS) or set(modes) - set(MODES) or min(entry["lengths"]) < 1:
-            raise SuiteError(f"{where}: metrics from {METRICS}, modes from {MODES}, lengths >= 1")
-        make_config(ProfileConfig, entry.get("profile", {}), "profile")
-        for model, cfg in _models(where, shared, entry):
-            for metric in metrics:
-                for n in sorted(entry["lengths"]):
-                    cells.append(Cell(kind="profile", model=model, model_config=cfg, run_config={
-                        "n": int(n), "metric": metric, "modes": list(modes), "profile": entry.get("profile", {})}))
-    return cells
+def profile_cells(where: str, shared: dict[str, Any], entry: ProfileEntry) -> list[Cell]:
+    make_config(ProfileConfig, entry.profile, "profile")
+    return [Cell(kind="profile", model=model, model_config=cfg, run_config={
+                "n": n, "metric": metric, "modes": list(entry.modes), "profile": entry.profile})
+            for model, cfg in _models(where, shared, entry) for metric in entry.metrics
+            for n in sorted(entry.lengths)]
 
 
-def stream_cells(name: str, shared: dict[str, Any], entries: list[dict[str, Any]]) -> list[Cell]:
-    cells = []
-    for i, entry in enumerate(entries):
-        where = f"suite {name!r}, [[stream]] #{i + 1}"
-        _check(where, entry, STREAM_KEYS, {"models", "checkpoints"})
-        checkpoints = sorted(int(c) for c in entry["checkpoints"])
-        run = {"total": checkpoints[-1], "piece": int(entry.get("piece", 8192)), "checkpoints": checkpoints,
-               "budget_s": float(entry.get("budget_s", 300))}
-        pairs = _models(where, shared, entry)
-        cells += [Cell(kind="stream", model=m, model_config=cfg, run_config=run) for m, cfg in pairs]
-    return cells
+def stream_cells(where: str, shared: dict[str, Any], entry: StreamEntry) -> list[Cell]:
+    checkpoints = sorted(entry.checkpoints)
+    run = {"total": checkpoints[-1], "piece": entry.piece, "checkpoints": checkpoints, "budget_s": entry.budget_s}
+    return [Cell(kind="stream", model=m, model_config=cfg, run_config=run) for m, cfg in _models(where, shared, entry)]
 
 
-def dynamics_cells(name: str, entries: list[dict[str, Any]]) -> list[Cell]:
-    cells = []
-    for i, entry in enumerate(entries):
-        _check(f"suite {name!r}, [[dynamics]] #{i + 1}", entry, DYNAMICS_KEYS, set())
-        for stream in entry.get("streams", ["stationary", "shift"]):
-            for rule in entry.get("rules", ["titans", "seed", "seed_corrected"]):
-                for seed in entry.get("seeds", [0]):
-                    cells.append(Cell(kind="dynamics", model="lmm", seed=int(seed), run_config={
-                        "stream": stream, "rule": rule, "n": int(entry.get("n", 2048)),
-                        "window": int(entry.get("window", 64)), "memory": entry.get("memory", {})}))
-    return cells
+def dynamics_cells(where: str, shared: dict[str, Any], entry: DynamicsEntry) -> list[Cell]:
+    if "rule" in entry.memory:
+        raise SuiteError(f"{where}: memory sets `rule`; list the rules in `rules` instead")
+    make_config(MemoryConfig, entry.memory, "dynamics memory")
+    return [Cell(kind="dynamics", model="lmm", seed=seed, run_config={
+                "stream": stream, "rule": rule, "n": entry.n, "window": entry.window, "memory": entry.memory})
+            for stream in entry.streams for rule in entry.rules for seed in entry.seeds]
+
+
+ENTRIES = {"train": (TrainEntry, train_cells), "profile": (ProfileEntry, profile_cells),
+           "stream": (StreamEntry, stream_cells), "dynamics": (DynamicsEntry, dynamics_cells)}
+
+
+def expand(name: str, data: dict[str, Any], where: str | None = None) -> Suite:
+    """The cells of a suite, each once. `where` replaces "suite NAME, [[section]] #i" in error messages (the
+    train and profile commands build a one-entry suite from their flags)."""
+    valid = {"description", "model_config", *SECTIONS}
+    unknown = set(data) - valid
+    if unknown:
+        raise SuiteError(f"suite {name!r}: unknown keys {sorted(unknown)}; valid: {sorted(valid)}")
+    description, shared = data.get("description", ""), data.get("model_config", {})
+    if not isinstance(description, str) or not isinstance(shared, dict):
+        raise SuiteError(f"suite {name!r}: description must be a string and model_config a table, got "
+                         f"{description!r} and {shared!r}")
+    _per_model_tables(f"suite {name!r}", shared)
+    cells: list[Cell] = []
+    for section in SECTIONS:
+        entries = data.get(section, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise SuiteError(f"suite {name!r}: {section} must be a list of tables ([[{section}]] entries), "
+                             f"got {entries!r}")
+        entry_cls, make_cells = ENTRIES[section]
+        for i, raw in enumerate(entries):
+            at = where if where is not None else f"suite {name!r}, [[{section}]] #{i + 1}"
+            try:
+                cells += make_cells(at, shared, make_config(entry_cls, raw, at, noun="key"))
+            except (ConfigError, KeyError) as err:
+                message = err.args[0] if isinstance(err, KeyError) else str(err)
+                raise SuiteError(message if message.startswith(at) else f"{at}: {message}") from err
+    if not cells:
+        raise SuiteError(f"suite {name!r} has no cells: add a [[train]], [[profile]], [[stream]] or [[dynamics]] "
+                         "entry")
+    unique: dict[str, Cell] = {}
+    for cell in cells:
+        unique.setdefault(cell.id, cell)
+    return Suite(name, description, list(unique.values()), duplicates=len(cells) - len(unique))
 
 
 def load(name_or_path: str) -> Suite:
     path = Path(name_or_path)
     if not path.suffix:
         path = SUITES_DIR / f"{name_or_path}.toml"
-    if not path.exists():
+    if not path.is_file():
         raise SuiteError(f"unknown suite {name_or_path!r}; valid suites: {', '.join(available())} (or a .toml path)")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise SuiteError(f"suite file {path} is not valid TOML: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise SuiteError(f"cannot read suite file {path}: {err}") from err
     return expand(path.stem, data)

@@ -1,5 +1,13 @@
 """The training loop: AdamW, linear warm-up then cosine decay, gradient clipping, seeded init, tqdm
-progress with loss and tokens/s. A non-finite loss ends the run as `diverged` instead of crashing.
+progress with loss and tokens/s.
+
+A run ends as `diverged` (recorded, never raised) when the loss is not finite, or when it explodes while staying
+finite: from step EXPLOSION_AFTER on, its exponential moving average (weight EXPLOSION_EMA on the newest
+loss) exceeds `diverge_factor` (default 10) times the first loss, the untrained network's. A healthy run's
+loss falls below that start, and noise or a warm-up spike moves a smoothed loss by a few times at most; a loss
+ten times its start has lost the signal (a Transformer at lr 10 on copy: 3.6 -> 2000 within 5 steps).
+`diverge_factor = 0` turns the rule off; it applies only where the first loss is positive (cross-entropy,
+MSE).
 
 The learning curve is kept: the training loss of every step (the result holds it; the runner stores a thinned
 copy) and, every `val_every` steps, the task's validation metrics (loss and answer accuracy on the training
@@ -15,7 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from models.config import Rule, above, at_least, check
 from tasks.base import Task, TaskNetwork
+
+EXPLOSION_AFTER, EXPLOSION_EMA = 20, 0.1
 
 
 @dataclass(frozen=True)
@@ -28,10 +39,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     time_budget_s: float | None = None  # stop early (status "ok", fewer steps) when exceeded
     val_every: int = 0  # > 0: every so many steps score the task's validation loss; keep the best weights
+    diverge_factor: float = 10.0  # a smoothed loss this many times its start ends the run as diverged; 0: off
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("steps, batch_size and lr must be positive")
+        check(self, steps=at_least(1), batch_size=at_least(1), lr=above(0), weight_decay=at_least(0),
+              warmup=at_least(0), grad_clip=above(0), time_budget_s=above(0), val_every=at_least(0),
+              diverge_factor=Rule(lambda v: v == 0 or v > 1, "0 (off) or > 1"))
 
 
 @dataclass
@@ -56,6 +69,24 @@ class TrainResult:
                 "train_loss": [sum(self.losses[s : s + span]) / len(self.losses[s : s + span]) for s in steps],
                 "val_step": [v["step"] for v in self.validation],
                 **{key: [v.get(key, float("nan")) for v in self.validation] for key in keys}}
+
+
+@dataclass
+class ExplosionWatch:
+    """The finite-explosion rule of the module docstring, fed one loss per step."""
+
+    factor: float
+    seen: int = 0
+    start: float = 0.0  # the first loss, before any update
+    smoothed: float = 0.0
+
+    def exploded(self, loss: float) -> bool:
+        self.seen += 1
+        if self.seen == 1:
+            self.start = self.smoothed = loss
+        self.smoothed = (1 - EXPLOSION_EMA) * self.smoothed + EXPLOSION_EMA * loss
+        return (self.factor > 0 and self.seen >= EXPLOSION_AFTER and self.start > 0
+                and self.smoothed > self.factor * self.start)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -84,21 +115,21 @@ def train(
     validation: list[dict[str, float]] = []
     tokens, start, status, step = 0, time.perf_counter(), "ok", 0
     best_val, best_state = None, None
+    watch = ExplosionWatch(cfg.diverge_factor)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = task.train_batch(step, cfg.batch_size).to(device)
         loss = task.loss(net(batch.inputs)[0], batch)
-        if not torch.isfinite(loss):
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]) or watch.exploded(losses[-1]):
             status = "diverged"
-            losses.append(loss.item())
             break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
-        losses.append(loss.item())
         tokens += task.tokens(batch)
         elapsed = time.perf_counter() - start
         if step % 10 == 0:

@@ -49,6 +49,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from models import native_scan
+from models.config import above, at_least, check
 
 RULES = ("titans", "seed", "seed_corrected")
 PATHS = ("chunked", "reference")
@@ -83,8 +84,9 @@ class MemoryConfig:
             raise ValueError(f"unknown memory path {self.path!r}; valid: {', '.join(PATHS)}")
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown memory kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
-        if min(self.depth, self.chunk, self.conv_kernel, self.n_heads, self.block, self.read_chunk) < 1:
-            raise ValueError("memory depth, chunk, conv_kernel, n_heads, block and read_chunk must be >= 1")
+        check(self, depth=at_least(1), chunk=at_least(1), conv_kernel=at_least(1), n_heads=at_least(1),
+              block=at_least(1), read_chunk=at_least(1), expansion=above(0), max_lr=at_least(0),
+              seed_gamma=at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from models import lmm, mac, mag, mal, titans, transformer
 from models.base import SequenceModel
+from models.config import make_config  # noqa: F401  (typed, range-checked configs; re-exported for callers)
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,6 @@ def spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     return MODELS[name]
-
-
-def make_config(config_cls: type, overrides: dict[str, Any], what: str) -> Any:
-    """Build a frozen config from overrides, naming the valid fields when one is unknown."""
-    valid = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}; valid: {', '.join(sorted(valid))}")
-    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
 
 
 def build(name: str, **overrides: Any) -> SequenceModel:

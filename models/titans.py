@@ -9,9 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.attention import BACKENDS
 from models.base import Complexity, SequenceModel
+from models.config import above, at_least, check, one_of, require
 from models.layers import BlockStack, RMSNorm
-from models.neural_memory import MemoryConfig
+from models.neural_memory import PATHS, RULES, MemoryConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,14 @@ class TitansConfig:
     segment: int = 64  # segment length C (MAC)
     attention: str = "sdpa"
     rope_base: float = 10000.0
+
+    def __post_init__(self):
+        check(self, d_model=at_least(1), n_layers=at_least(1), n_heads=at_least(1), mlp_ratio=above(0),
+              mem_depth=at_least(1), mem_expansion=above(0), chunk=at_least(1), conv_kernel=at_least(1),
+              max_lr=at_least(0), rule=one_of(*RULES), memory_path=one_of(*PATHS), n_persistent=at_least(0),
+              window=at_least(1), segment=at_least(1), attention=one_of(*BACKENDS), rope_base=above(0))
+        require(self.d_model % self.n_heads == 0,
+                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
     def memory(self) -> MemoryConfig:
         return MemoryConfig(n_heads=self.n_heads, depth=self.mem_depth, expansion=self.mem_expansion,

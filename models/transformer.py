@@ -8,8 +8,9 @@ from typing import Any
 
 from torch import Tensor
 
-from models.attention import AttentionMixer
+from models.attention import BACKENDS, AttentionMixer
 from models.base import Complexity, SequenceModel
+from models.config import above, at_least, check, one_of, require
 from models.layers import BlockStack, ResidualBlock
 
 
@@ -22,6 +23,12 @@ class TransformerConfig:
     attention: str = "sdpa"  # "naive" (materialised n x n scores) or "sdpa" (fused kernel)
     window: int | None = None  # None: full causal attention; w: each token sees the last w tokens
     rope_base: float = 10000.0
+
+    def __post_init__(self):
+        check(self, d_model=at_least(1), n_layers=at_least(1), n_heads=at_least(1), mlp_ratio=above(0),
+              attention=one_of(*BACKENDS), window=at_least(1), rope_base=above(0))
+        require(self.d_model % self.n_heads == 0,
+                f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
 
 @dataclass(frozen=True)

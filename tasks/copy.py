@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.config import at_least, check, each
 from tasks.base import SPLITS, Batch, Task, TaskNetwork, accuracy_rows, answer_hits, generator, pack, token_loss
 
 PAD, BOS, SEP, EOS, NOISE = 0, 1, 2, 3, 4
@@ -39,8 +40,8 @@ class CopyConfig:
             raise ValueError(
                 f"need 1 <= train_min_len <= train_max_len, got {self.train_min_len}, {self.train_max_len}"
             )
-        if min(self.eval_lengths, default=1) < 1 or self.alphabet < 2 or self.spread < 1:
-            raise ValueError("eval lengths must be >= 1, alphabet >= 2, spread >= 1")
+        check(self, eval_lengths=each(at_least(1)), alphabet=at_least(2), spread=at_least(1),
+              eval_samples=at_least(1), data_seed=at_least(0))
 
 
 class CopyTask(Task):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.config import at_least, check, each
 from tasks.base import (
     IGNORE,
     SPLITS,
@@ -67,6 +68,8 @@ class NiahConfig:
             raise ValueError(f"unknown haystack {self.haystack!r}; valid: {', '.join(HAYSTACKS)}")
         if self.needle not in NEEDLES:
             raise ValueError(f"unknown needle {self.needle!r}; valid: {', '.join(NEEDLES)}")
+        check(self, train_length=at_least(1), train_min_length=at_least(1), eval_lengths=each(at_least(1)),
+              eval_samples=at_least(1), distractors=at_least(0), lm_weight=at_least(0), data_seed=at_least(0))
         if any(not 0 <= d <= 100 for d in self.depths):
             raise ValueError(f"depths are percentages in [0, 100], got {self.depths}")
         shortest = min(self.train_length, self.train_min_length or self.train_length // 4, *self.eval_lengths)

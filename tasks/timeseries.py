@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from models.config import at_least, check
 from tasks.base import Batch, Task, generator
 from tasks.data import locate
 
@@ -47,6 +48,7 @@ class TimeseriesConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        check(self, data_seed=at_least(0), eval_batch=at_least(1))
         if self.lookback < 1 or self.horizon < 1 or self.lookback + self.horizon > TRAIN_END:
             raise ValueError(f"need lookback, horizon >= 1 and lookback + horizon <= {TRAIN_END}, got "
                              f"{self.lookback}, {self.horizon}")

@@ -1,12 +1,14 @@
+import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from bench import suite
-from bench.cli import main, parse_assignments
+from bench.cli import main, parse_assignments, parse_lengths, resume_command
 
 
 def run_cli(*args):
@@ -88,3 +90,19 @@ def test_bad_suite_entry_says_what_is_wrong(tmp_path):
     path.write_text('[[train]]\ntask = "copy"\nmodels = ["nosuch"]\n')
     with pytest.raises(suite.SuiteError, match="valid models"):
         suite.load(str(path))
+
+
+def test_resume_command_continues_in_the_run_folder():
+    argv = ["run", "--suite", "my suite.toml", "--resume=old", "--threads", "2"]
+    assert resume_command(argv, "--resume", Path("results/x")) == (
+        "python -m bench run --suite 'my suite.toml' --threads 2 --resume results/x")
+    assert resume_command(["train", "--model", "lmm", "--run-dir", "a"], "--run-dir", Path("b")).endswith(
+        "--model lmm --run-dir b")
+
+
+def test_lengths_double_from_low_and_must_land_on_high():
+    assert parse_lengths("256:1024") == [256, 512, 1024] and parse_lengths("7:7") == [7]
+    assert parse_lengths("1000,2000,3000") == [1000, 2000, 3000]
+    for bad in ("1000:3000", "0:4", "8:4", "a:b", "3,0", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="invalid lengths"):
+            parse_lengths(bad)

@@ -8,7 +8,7 @@ import models
 import tasks
 from bench.train import TrainConfig, train
 from tasks.base import IGNORE, generator
-from tasks.mqar import BOS, FILL, FIRST_SYMBOL, PAD, distance_bin
+from tasks.mqar import BOS, FILL, FIRST_SYMBOL, distance_bin
 
 
 def test_example_is_pairs_then_gap_then_queries_with_each_answer_the_value_of_its_key():
@@ -37,7 +37,7 @@ def test_loss_and_targets_cover_the_answers_only():
     batch = task.train_batch(0, 8)
     scored = batch.targets != IGNORE
     assert (scored.sum(1) == 4).all()  # one scored position per query
-    assert ((batch.targets[scored] >= FIRST_SYMBOL + task.half)).all()  # every target is a value
+    assert (batch.targets[scored] >= FIRST_SYMBOL + task.half).all()  # every target is a value
 
 
 def test_batches_are_deterministic_per_split_and_step_and_differ_across_splits():

@@ -82,11 +82,12 @@ def test_a_worker_killed_mid_cell_is_retried_without_lost_or_doubled_rows(local_
 
 def test_an_interrupted_driver_resumes_from_the_store(local_ray, tmp_path):
     cells = suite.expand("t", SUITE).cells
-    store = RunStore(tmp_path / "run")
-    run_cells(cells[:2], store, "cpu", 1, progress=False, executor="ray")  # as if stopped after two cells
-    first = store.frame()
-    assert run_cells(cells, RunStore(tmp_path / "run"), "cpu", 1, progress=False, executor="ray") == len(cells) - 2
-    final = store.frame()
+    with RunStore(tmp_path / "run") as store:
+        run_cells(cells[:2], store, "cpu", 1, progress=False, executor="ray")  # as if stopped after two cells
+        first = store.frame()
+    with RunStore(tmp_path / "run") as store:
+        assert run_cells(cells, store, "cpu", 1, progress=False, executor="ray") == len(cells) - 2
+        final = store.frame()
     assert final["cell_id"].nunique() == len(cells)
     assert len(final) == len(final.drop_duplicates(["cell_id", "metric", "n", "depth"]))
     assert set(first["cell_id"]) <= set(final["cell_id"])

@@ -4,7 +4,7 @@ import torch
 
 import models
 import tasks
-from bench.train import TrainConfig, lr_at, train
+from bench.train import EXPLOSION_AFTER, ExplosionWatch, TrainConfig, lr_at, train
 
 
 def test_training_reduces_copy_loss():
@@ -33,3 +33,30 @@ def test_schedule_warms_up_then_decays_to_zero():
     cfg = TrainConfig(steps=100, lr=1.0, warmup=10)
     assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
     assert lr_at(55, cfg) < lr_at(20, cfg) and lr_at(99, cfg) < 0.01
+
+
+def losses_through(watch: ExplosionWatch, losses) -> int | None:
+    """The 1-based step at which the watch calls an explosion, or None."""
+    return next((i for i, loss in enumerate(losses, 1) if watch.exploded(loss)), None)
+
+
+def test_explosion_rule_reaches_both_verdicts():
+    falling = [3.6 * 0.99**i for i in range(200)]
+    spiky = [3.6] * 30 + [25.0] * 3 + [3.0] * 100  # a short spike: the smoothed loss stays under 10x
+    growing = [3.6 * 1.2**i for i in range(200)]
+    assert losses_through(ExplosionWatch(10.0), falling) is None
+    assert losses_through(ExplosionWatch(10.0), spiky) is None
+    step = losses_through(ExplosionWatch(10.0), growing)
+    assert step is not None and step >= EXPLOSION_AFTER
+    assert losses_through(ExplosionWatch(10.0), [3.6] + [200.0] * 50) == EXPLOSION_AFTER  # not before
+    assert losses_through(ExplosionWatch(0.0), growing) is None  # the rule turned off
+    assert losses_through(ExplosionWatch(10.0), [0.0] + [5.0] * 50) is None  # no positive start to compare with
+
+
+def test_a_finite_explosion_is_recorded_as_diverged():
+    torch.manual_seed(0)
+    task = tasks.build("copy", train_max_len=8)
+    net = task.build_network(models.build("transformer"), 64)
+    result = train(net, task, TrainConfig(steps=60, batch_size=8, warmup=5, lr=10.0), progress=False)
+    assert result.status == "diverged" and all(math.isfinite(v) for v in result.losses)
+    assert result.steps < 60 and result.final_loss > 10 * result.losses[0]
