@@ -65,12 +65,12 @@ class MemoryConfig:
     expansion: float = 2.0  # hidden width of the memory MLP, in head dims
     chunk: int = 16  # b: tokens sharing one gradient anchor
     conv_kernel: int = 4
-    max_lr: float = 0.01
+    max_lr: float = 0.5  # theta_t = max_lr * sigmoid(.): safe this large only with the clip
     momentum: bool = True
     forgetting: bool = True
     rule: str = "titans"  # "titans", or the seed paper's update as written ("seed") or sign-corrected
     seed_gamma: float = 1.0  # seed rule: beta_t = exp(-gamma ||grad l_t||)
-    clip: float = 0.0  # > 0: each token's inner gradient rescaled to norm <= clip (over all memory layers); 0: off
+    clip: float = 1.0  # > 0: each token's inner gradient rescaled to norm <= clip (over all memory layers); 0: off
     path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
     block: int = 1024  # longer inputs are streamed through the state in blocks of this many tokens
     read_chunk: int = 16  # a chunk that is a multiple of it is read in sub-chunks of this size (same result)
@@ -86,7 +86,7 @@ class MemoryConfig:
             raise ValueError(f"unknown memory kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
         check(self, depth=at_least(1), chunk=at_least(1), conv_kernel=at_least(1), n_heads=at_least(1),
               block=at_least(1), read_chunk=at_least(1), expansion=above(0), max_lr=at_least(0),
-              seed_gamma=at_least(0))
+              seed_gamma=at_least(0), clip=at_least(0))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from models.neural_memory import PATHS, RULES, MemoryConfig
 
 @dataclass(frozen=True)
 class TitansConfig:
-    """Width, depth and MLP match TransformerConfig. Defaults for what the paper leaves open:
-    memory MLP depth 2 and hidden width 2 x head_dim, chunk 16, conv kernel 4, max inner lr 0.01
-    (0.1 diverged on random inputs: a chunk sums b gradients taken at one anchor), 4 persistent tokens,
+    """Width and depth match TransformerConfig. Defaults for what the paper leaves open: memory MLP depth 2 and
+    hidden width 2 x head_dim, chunk 16, conv kernel 4, inner step max_lr 0.5 with each token's inner gradient
+    clipped to norm 1 (MemoryConfig: unclipped, a step above 0.01 diverged in training), 4 persistent tokens,
     window 64 (MAG, MAL), segment 64 (MAC)."""
 
     d_model: int = 64
@@ -31,12 +31,12 @@ class TitansConfig:
     mem_expansion: float = 2.0
     chunk: int = 16
     conv_kernel: int = 4
-    max_lr: float = 0.01
+    max_lr: float = 0.5
     momentum: bool = True
     forgetting: bool = True
     rule: str = "titans"  # "titans", "seed", "seed_corrected" (see models/neural_memory.py)
     memory_path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
-    mem_clip: float = 0.0  # inner gradient norm bound per token (MemoryConfig.clip); 0: off
+    mem_clip: float = 1.0  # inner gradient norm bound per token (MemoryConfig.clip); 0: off
     n_persistent: int = 4  # N_p learned input-independent tokens (MAC, MAG, MAL)
     window: int = 64  # sliding-window width (MAG, MAL)
     segment: int = 64  # segment length C (MAC)
@@ -46,8 +46,9 @@ class TitansConfig:
     def __post_init__(self):
         check(self, d_model=at_least(1), n_layers=at_least(1), n_heads=at_least(1), mlp_ratio=above(0),
               mem_depth=at_least(1), mem_expansion=above(0), chunk=at_least(1), conv_kernel=at_least(1),
-              max_lr=at_least(0), rule=one_of(*RULES), memory_path=one_of(*PATHS), n_persistent=at_least(0),
-              window=at_least(1), segment=at_least(1), attention=one_of(*BACKENDS), rope_base=above(0))
+              max_lr=at_least(0), mem_clip=at_least(0), rule=one_of(*RULES), memory_path=one_of(*PATHS),
+              n_persistent=at_least(0), window=at_least(1), segment=at_least(1), attention=one_of(*BACKENDS),
+              rope_base=above(0))
         require(self.d_model % self.n_heads == 0,
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
