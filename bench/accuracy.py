@@ -43,6 +43,41 @@ def extra_field(frame: pd.DataFrame, key: str) -> pd.Series:
     return frame["extra"].map(get) if "extra" in frame else pd.Series(np.nan, index=frame.index)
 
 
+def _recipe(config: object) -> dict[str, str]:
+    """A train cell's settings (model, task and training options; not its seed) as flat key -> JSON value."""
+    if not isinstance(config, str):
+        return {}
+    cell = json.loads(config)
+    return {key: json.dumps(value, sort_keys=True) for section in ("model_config", "task_config", "run_config")
+            for key, value in (cell.get(section) or {}).items()}
+
+
+def label_recipes(frame: pd.DataFrame) -> pd.DataFrame:
+    """Where one model runs under several recipes on one task variant (a sweep suite), its train rows are
+    relabelled `model (key=value, ...)` with the settings that differ, so that every table, plot and verdict
+    keeps the recipes apart instead of pooling them as if they were seeds. Other frames come back unchanged."""
+    train = frame[frame["kind"] == "train"]
+    if train.empty or "config" not in frame:
+        return frame
+    recipes = train["config"].map(_recipe)
+    variants = train["variant"].astype(object).fillna(train["task"])
+    labels = {}
+    for _, group in train.groupby([train["task"], variants, train["model"]]):
+        settings = recipes[group.index]
+        keys = sorted({k for r in settings for k in r})
+        varying = [k for k in keys if len({r.get(k) for r in settings}) > 1]
+        if not varying:
+            continue
+        for index, recipe in settings.items():
+            shown = ", ".join(f"{k}={json.loads(recipe[k]) if k in recipe else '-'}" for k in varying)
+            labels[index] = f"{frame.at[index, 'model']} ({shown})"
+    if not labels:
+        return frame
+    out = frame.copy()
+    out.loc[list(labels), "model"] = pd.Series(labels)
+    return out
+
+
 def trained_length(rows: pd.DataFrame) -> float:
     """The training length the rows declare (their task's longest training sequence), NaN if none."""
     values = extra_field(rows, "trained_length").dropna()

@@ -174,7 +174,8 @@ def claims_section(frame: pd.DataFrame) -> str:
 
 def build(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
-    frame = read_frame(run_dir)  # the store's repairing read: torn or duplicated rows never reach the report
+    # The store's repairing read (torn or duplicated rows never reach the report); a sweep's recipes kept apart.
+    frame = accuracy.label_recipes(read_frame(run_dir))
     pictures = plots.all_plots(frame, run_dir / "plots")
     sections = [f"# titans-bench report — {run_dir.name}", setup_section(run_dir, frame), models_section(frame),
                 *(accuracy_section(frame, t) for t in sorted(frame["task"].dropna().unique())),

@@ -1,6 +1,7 @@
 """Suites are TOML files in bench/suites/. A suite expands into cells.
 
     description = "..."
+    sweep = false             # true: a recipe sweep (each model under several settings), which compares no models
     [model_config]            # applied to every model; a sub-table [model_config.NAME] to one model
     d_model = 64
     [[train]]                 # one entry: these models x these seeds on one task
@@ -47,6 +48,7 @@ class Suite:
     description: str
     cells: list[Cell]
     duplicates: int = 0  # cells listed more than once, kept once
+    sweep: bool = False  # a recipe sweep: models are not compared, so their parameter counts need not match
 
 
 @dataclass(frozen=True)
@@ -171,14 +173,14 @@ ENTRIES = {"train": (TrainEntry, train_cells), "profile": (ProfileEntry, profile
 def expand(name: str, data: dict[str, Any], where: str | None = None) -> Suite:
     """The cells of a suite, each once. `where` replaces "suite NAME, [[section]] #i" in error messages (the
     train and profile commands build a one-entry suite from their flags)."""
-    valid = {"description", "model_config", *SECTIONS}
+    valid = {"description", "sweep", "model_config", *SECTIONS}
     unknown = set(data) - valid
     if unknown:
         raise SuiteError(f"suite {name!r}: unknown keys {sorted(unknown)}; valid: {sorted(valid)}")
-    description, shared = data.get("description", ""), data.get("model_config", {})
-    if not isinstance(description, str) or not isinstance(shared, dict):
-        raise SuiteError(f"suite {name!r}: description must be a string and model_config a table, got "
-                         f"{description!r} and {shared!r}")
+    description, shared, sweep = data.get("description", ""), data.get("model_config", {}), data.get("sweep", False)
+    if not isinstance(description, str) or not isinstance(shared, dict) or not isinstance(sweep, bool):
+        raise SuiteError(f"suite {name!r}: description must be a string, sweep true or false and model_config a "
+                         f"table, got {description!r}, {sweep!r} and {shared!r}")
     _per_model_tables(f"suite {name!r}", shared)
     cells: list[Cell] = []
     for section in SECTIONS:
@@ -200,7 +202,7 @@ def expand(name: str, data: dict[str, Any], where: str | None = None) -> Suite:
     unique: dict[str, Cell] = {}
     for cell in cells:
         unique.setdefault(cell.id, cell)
-    return Suite(name, description, list(unique.values()), duplicates=len(cells) - len(unique))
+    return Suite(name, description, list(unique.values()), duplicates=len(cells) - len(unique), sweep=sweep)
 
 
 def load(name_or_path: str) -> Suite:
