@@ -4,6 +4,8 @@ VENV ?= .venv
 # Pinned CPU wheel by default (fast, offline-safe here); override e.g. `make TORCH='torch==2.5.1' test`.
 TORCH ?= torch==2.13.0
 SUITE ?= default
+# Extra `bench run` flags, e.g. `make bench SUITE=recall BENCH_ARGS='--executor ray --threads 1'` (two cells at once).
+BENCH_ARGS ?=
 PY := $(VENV)/bin/python
 
 .PHONY: bench test lint report clean-venv
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 bench: $(VENV)/.installed
-	$(PY) -m bench run --suite $(SUITE)
+	$(PY) -m bench run --suite $(SUITE) $(BENCH_ARGS)
 
 test: $(VENV)/.installed
 	mkdir -p results/ci-scaling
