@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -99,6 +100,9 @@ def recall_vs_length(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
         ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="sequence length n" if task != "copy" else "copied tokens n",
                ylabel=f"{metric.replace('_', ' ')} (mean over seeds; band: seed range)",
                title=f"{variant}: {metric.replace('_', ' ')} vs length")
+        lengths = sorted(rows["n"].unique())
+        ax.set_xticks(lengths, [f"{int(n)}" for n in lengths])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         made.append(_save(fig, out / f"recall_vs_length_{task}_{variant.replace('/', '-')}.png"))
