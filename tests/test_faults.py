@@ -37,7 +37,7 @@ seeds = {seeds}
 task_config = {{ eval_lengths = [3], eval_samples = 5, train_max_len = 3 }}
 train_config = {{ steps = {steps}, batch_size = 2, warmup = 1 }}
 """
-ROWS_PER_CELL = 6  # 4 training rows + exact match and token accuracy at one length
+ROWS_PER_CELL = 9  # 4 training rows, validation loss and accuracy, the learning curve, exact match and token accuracy at one length
 
 
 @dataclass

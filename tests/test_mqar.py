@@ -106,5 +106,5 @@ def test_a_small_transformer_learns_recall_on_its_training_distribution():
     torch.manual_seed(0)
     task = tasks.build("mqar", vocab=64, pairs=(2, 4), gap=(0, 4), eval_pairs=(4,), val_batches=2)
     net = task.build_network(models.build("transformer"), 64)
-    result = train(net, task, TrainConfig(steps=300, batch_size=32, lr=3e-3, warmup=30), progress=False)
+    result = train(net, task, TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup=30), progress=False)
     assert result.status == "ok" and result.final_validation["val_accuracy"] > 0.9
