@@ -7,18 +7,28 @@ For segment s, in every block:
      the write of t;
   4. output y gated by that read: norm(y) * sigmoid(norm(M_t(y_t))).
 Attention cost O(C (C + N_p)) per segment: O(n C) overall. Streaming state: the memory scan state, the
-memory weights at the segment start, and the keys/values of the segment's tokens so far."""
+memory weights at the segment start, and the keys/values of the segment's tokens so far.
+
+Segments chain only through the memory: segment s reads the weights that the writes of segments < s left.
+So the default path (`mac_path="hoisted"`) does everything that depends on the input alone once per call,
+for all segments together: the projections of x and their rotary positions, the persistent keys, the
+retrieval queries and the read's output gate, the masks; and step 4 after the last segment. What is left
+per segment is the chain itself, each step batched over batch and heads: the read at the segment-start
+weights, h's keys and values, the attention, the write (NeuralMemory's own call, compiled). The
+`mac_path="segment_loop"` reference runs the four steps segment by segment as written above; the tests hold
+the two equal."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import causal_mask, check_backend, masked_attention
 from models.layers import ResidualBlock, RMSNorm, rotary
-from models.neural_memory import NeuralMemory
+from models.neural_memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_forward
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 
@@ -40,9 +50,82 @@ class MemoryAsContext(nn.Module):
         weights = sum(w[0].numel() for w in self.memory.init_weights) * self.c.n_heads
         return self.memory.state_numel(n) + weights + 4 * min(n, self.c.segment) * self.c.d_model
 
-    def heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.c.n_heads, -1).transpose(1, 2)  # [B, H, n, dh]
+    def heads(self, t: Tensor) -> tuple[Tensor, ...]:
+        """[B, n, k D] -> k tensors [B, H, n, dh]."""
+        (b, n, width), c = t.shape, self.c
+        return t.view(b, n, width // c.d_model, c.n_heads, c.d_model // c.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def persistent_kv(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values of the persistent tokens, [B, H, N_p, dh] each (no rotary: they have no position)."""
+        kv = F.linear(self.persistent.to(dtype)[None], self.qkv.weight[self.c.d_model :])
+        return tuple(t.expand(batch, -1, -1, -1) for t in self.heads(kv))
+
+    def mask(self, n_q: int, n_k: int, device: torch.device) -> Tensor:
+        """[n_q, N_p + 2 n_k]: the persistent tokens, then causal over the retrievals and over the segment."""
+        visible = causal_mask(n_q, n_k, device)
+        return torch.cat([visible.new_ones(n_q, self.c.n_persistent), visible, visible], dim=-1)
+
+    def attend(self, q: Tensor, kv: tuple[Tensor, ...], mask: Tensor) -> Tensor:
+        """q [B, H, c, dh] over [persistent | h | segment], whose keys and values kv = (kp, vp, kh, vh, kx, vx)
+        are [B, H, ., dh] each. Returns [B, c, D]."""
+        b, _, n_q, _ = q.shape
+        keys, values = torch.cat(kv[0::2], dim=-2), torch.cat(kv[1::2], dim=-2)
+        y = masked_attention(q, keys, values, mask, self.c.attention)  # [B, H, c, dh]
+        return self.out(y.transpose(1, 2).reshape(b, n_q, self.c.d_model))
+
+    def forward(self, x: Tensor, state: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
+        state = state or {"memory": None, "start_weights": None, "offset": 0, "cache": None}
+        if self.c.mac_path == "segment_loop":
+            return self.segment_loop(x, state)
+        c, (b, n, d), o = self.c, x.shape, state["offset"]
+        memory_state = state["memory"] or self.memory.initial_state(b, x.dtype)
+        # input-only work, once for the call. Rotary positions restart at each segment: x's queries and keys
+        # are laid out in whole segments (padded before the call's offset o and after its end) and rotated at once
+        q, kx, vx = self.heads(self.qkv(x))  # [B, H, n, dh]
+        segments = -(-(o + n) // c.segment)
+        aligned = F.pad(torch.stack([q, kx]), (0, 0, o, segments * c.segment - o - n)).unflatten(-2, (segments, -1))
+        q, kx = rotary(aligned, 0, c.rope_base).flatten(-3, -2)[..., o : o + n, :].unbind(0)
+        memory = self.memory  # NeuralMemory.read, split: its queries and output gate for the whole call here
+        retrieval = l2_normalise(memory.retrieve_q(x).view(b, n, c.n_heads, -1).transpose(1, 2))  # [B, H, n, dh]
+        read_gate = torch.sigmoid(memory.out_gate(x))  # [B, n, D]
+        kv_persistent, kv_weight = self.persistent_kv(b, x.dtype), self.qkv.weight[d:]  # h's queries are never used
+        # the rest of the current segment, then whole segments, then the beginning of one; split rather than
+        # sliced per segment, since each slice's backward would write into a zero tensor the size of the call
+        first = min(n, c.segment - o)
+        sizes = [s for s in [first] + [c.segment] * ((n - first) // c.segment) + [(n - first) % c.segment] if s]
+        pieces = zip(*(t.split(sizes, dim=-2) for t in (q, kx, vx, retrieval, read_gate)), strict=True)
+        masks: dict[tuple[int, int], Tensor] = {}
+        ys, ms, cache, start_weights, so = [], [], state["cache"], state["start_weights"], o
+        for q_s, kx_s, vx_s, retrieval_s, read_gate_s in pieces:  # the chain; so: the offset inside the segment
+            if so == 0:
+                start_weights = memory_state["weights"]
+            h = self.retrieve(mlp_forward(start_weights, retrieval_s)[0][-1], read_gate_s)  # [B, c, D]
+            kh, vh = self.heads(F.linear(h, kv_weight))
+            kv = (rotary(kh, so, c.rope_base), vh, kx_s, vx_s)
+            if so:
+                kv = tuple(torch.cat([cached, new], dim=-2) for cached, new in zip(cache, kv, strict=True))
+            shape = (q_s.shape[-2], kv[0].shape[-2])
+            if shape not in masks:
+                masks[shape] = self.mask(*shape, x.device)
+            y = self.attend(q_s, kv_persistent + kv, masks[shape])
+            m, memory_state = memory(self.write_norm(y), memory_state)  # write with y, read after write
+            ys.append(y)
+            ms.append(m)
+            cache, so = kv, (so + q_s.shape[-2]) % c.segment
+        new_state = {"memory": memory_state, "start_weights": start_weights, "offset": so,
+                     "cache": cache if so else None}
+        return self.gate(torch.cat(ys, dim=1), torch.cat(ms, dim=1)), new_state
+
+    def retrieve(self, y: Tensor, gate: Tensor) -> Tensor:
+        """The end of NeuralMemory.read (its `finish`, torch ops) with the gate sigmoid(out_gate(x)) [B, c, D]
+        computed beforehand: the reads y [B, H, c, dh] RMS-normed per head, gated, projected. [B, c, D].
+        At one segment's size the torch ops cost less than a call of the compiled norm."""
+        b, heads, n, dh = y.shape
+        y = F.rms_norm(y, (dh,), self.memory.out_norm, eps=NORM_EPS)
+        return self.memory.out(y.transpose(1, 2).reshape(b, n, heads * dh) * gate)
+
+    # ------------------------------------------------------------------------------------------------------
+    # the reference: the four steps of the module docstring, one segment at a time
 
     def segment_step(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Tokens x [B, c, D] at offsets o..o+c-1 of one segment."""
@@ -50,28 +133,21 @@ class MemoryAsContext(nn.Module):
         memory_state = state["memory"] or self.memory.initial_state(x.shape[0], x.dtype)
         start_weights = memory_state["weights"] if o == 0 else state["start_weights"]
         h = self.memory.read(x, start_weights)  # [B, c, D]: retrieval with the memory before the segment
-        q, kx, vx = (self.heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        _, kh, vh = (self.heads(t) for t in self.qkv(h).chunk(3, dim=-1))
-        _, kp, vp = (self.heads(t) for t in self.qkv(self.persistent.to(x.dtype)[None]).chunk(3, dim=-1))
+        q, kx, vx = self.heads(self.qkv(x))
+        _, kh, vh = self.heads(self.qkv(h))
         q, kx, kh = (rotary(t, o, c.rope_base) for t in (q, kx, kh))
         if o:
             kh, vh, kx, vx = (torch.cat([cached, new], dim=-2) for cached, new in zip(state["cache"], (kh, vh, kx, vx),
                                                                                        strict=True))
-        n_q, n_k = x.shape[1], kx.shape[-2]
-        visible = causal_mask(n_q, n_k, x.device)
-        mask = torch.cat([visible.new_ones(n_q, c.n_persistent), visible, visible], dim=-1)
-        keys = torch.cat([kp.expand(x.shape[0], -1, -1, -1), kh, kx], dim=-2)
-        values = torch.cat([vp.expand(x.shape[0], -1, -1, -1), vh, vx], dim=-2)
-        y = masked_attention(q, keys, values, mask, c.attention)  # [B, H, c, dh]
-        y = self.out(y.transpose(1, 2).reshape(x.shape))
+        kv = (*self.persistent_kv(x.shape[0], x.dtype), kh, vh, kx, vx)
+        y = self.attend(q, kv, self.mask(x.shape[1], kx.shape[-2], x.device))
         m, memory_state = self.memory(self.write_norm(y), memory_state)  # write with y, read after write
-        done = (o + n_q) % c.segment == 0
-        new_state = {"memory": memory_state, "start_weights": start_weights, "offset": (o + n_q) % c.segment,
+        done = (o + x.shape[1]) % c.segment == 0
+        new_state = {"memory": memory_state, "start_weights": start_weights, "offset": (o + x.shape[1]) % c.segment,
                      "cache": None if done else (kh, vh, kx, vx)}
         return self.gate(y, m), new_state
 
-    def forward(self, x: Tensor, state: dict[str, Any] | None = None) -> tuple[Tensor, dict[str, Any]]:
-        state = state or {"memory": None, "start_weights": None, "offset": 0, "cache": None}
+    def segment_loop(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         outputs, start, n = [], 0, x.shape[1]
         while start < n:
             end = min(n, start + self.c.segment - state["offset"])

@@ -15,6 +15,8 @@ from models.config import above, at_least, check, one_of, require
 from models.layers import BlockStack, RMSNorm
 from models.neural_memory import PATHS, RULES, MemoryConfig
 
+MAC_PATHS = ("hoisted", "segment_loop")  # models/mac.py: the default, and the segment-by-segment reference
+
 
 @dataclass(frozen=True)
 class TitansConfig:
@@ -40,6 +42,7 @@ class TitansConfig:
     n_persistent: int = 4  # N_p learned input-independent tokens (MAC, MAG, MAL)
     window: int = 64  # sliding-window width (MAG, MAL)
     segment: int = 64  # segment length C (MAC)
+    mac_path: str = "hoisted"  # MAC: input-only work once per call, or the "segment_loop" reference
     attention: str = "sdpa"
     rope_base: float = 10000.0
 
@@ -47,7 +50,8 @@ class TitansConfig:
         check(self, d_model=at_least(1), n_layers=at_least(1), n_heads=at_least(1), mlp_ratio=above(0),
               mem_depth=at_least(1), mem_expansion=above(0), chunk=at_least(1), conv_kernel=at_least(1),
               max_lr=at_least(0), mem_clip=at_least(0), rule=one_of(*RULES), memory_path=one_of(*PATHS),
-              n_persistent=at_least(0), window=at_least(1), segment=at_least(1), attention=one_of(*BACKENDS),
+              n_persistent=at_least(0), window=at_least(1), segment=at_least(1),
+              mac_path=one_of(*MAC_PATHS), attention=one_of(*BACKENDS),
               rope_base=above(0))
         require(self.d_model % self.n_heads == 0,
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")

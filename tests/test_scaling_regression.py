@@ -1,15 +1,19 @@
 """CI gate on scaling: every registered model, a small grid of n in one process. It asserts FLOP exponents,
 forward-time exponents, the time ratio to the Transformer at one n, and the number of dispatched kernels per
 token (deterministic: a per-token Python loop dispatches ~100, the chunked forms at most 16): exponents,
-ratios and counts from the same run, never absolute times. Two self-tests prove it bites: a masked n x n
-window attention and a token-loop memory must both fail it. pytest-benchmark records each model's forward at n = 2048
-(`make test` writes the JSON under results/ci-scaling/)."""
+ratios and counts from the same run, never absolute times. Each hybrid (MAC, MAG, MAL) is also held to the sum of
+its parts (a Transformer step plus an LMM step) at short training shapes, in training FLOPs and in training time
+measured interleaved in one run (bench/hybrid_speed.py, where the issue's tighter targets are judged). Three
+self-tests prove it bites: a masked n x n window attention, a token-loop memory and a window attention padded to
+whole blocks at short n must each fail it. pytest-benchmark records each model's forward at n = 2048 and each
+hybrid's training step at the shortest parts shape (`make test` writes the JSON under results/ci-scaling/)."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
+from bench.hybrid_speed import HYBRIDS, PARTS, best_times, parts_ratio
 from bench.profile import ProfileConfig, count_flops, make_input, measure_time, step
 from bench.scaling import fit_power
 from models import attention
@@ -20,6 +24,10 @@ RATIO_N = 2048
 MAX_RATIO = 30.0  # a linear model may be slower than sdpa attention at 2K by a constant, not by far more
 MAX_OPS_PER_TOKEN = 30.0
 CFG = ProfileConfig(repeats=3, warmup=1)
+PARTS_LENGTHS = (32, 128)  # training shapes where accuracy tasks train; window 64, so one within it, one past it
+PARTS_BATCH = 32
+MAX_PARTS_FLOP_RATIO = 1.0  # a hybrid does no more work than its two parts (MAG 0.87 at n = 32; padded window 1.06)
+MAX_PARTS_TIME_RATIO = 1.5  # bench/hybrid_speed.py's target is 1.3; the gate leaves room for a shared runner's noise
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +101,35 @@ def test_gate_fails_when_window_attention_builds_the_full_matrix(monkeypatch, tr
 def test_gate_fails_when_the_memory_runs_as_a_token_loop(transformer_time):
     with pytest.raises(AssertionError, match="ops_per_token"):
         check_scaling(models.build("lmm", memory_path="reference"), transformer_time)
+
+
+def check_parts(hybrid: str) -> dict:
+    """A hybrid's training step over (Transformer step + LMM step): FLOPs (deterministic, batch 2), then time."""
+    info = {}
+    for n in PARTS_LENGTHS:
+        flops = {name: count_flops(models.build(name), n, "train", ProfileConfig(batch=2), "cpu")[0]["value"]
+                 for name in (hybrid, *PARTS)}
+        info[f"flop_ratio_{n}"] = flops[hybrid] / sum(flops[part] for part in PARTS)
+        assert info[f"flop_ratio_{n}"] < MAX_PARTS_FLOP_RATIO, info
+    for n in PARTS_LENGTHS:
+        info[f"time_ratio_{n}"] = parts_ratio(best_times((hybrid, *PARTS), PARTS_BATCH, n, ("train",), 3), hybrid)
+        assert info[f"time_ratio_{n}"] < MAX_PARTS_TIME_RATIO, info
+    return info
+
+
+@pytest.mark.parametrize("hybrid", HYBRIDS)
+def test_hybrid_costs_no_more_than_its_parts(hybrid, benchmark):
+    torch.set_num_threads(2)
+    model = models.build(hybrid)
+    x = make_input(model, PARTS_BATCH, PARTS_LENGTHS[0], "cpu")
+    benchmark.pedantic(step, args=(model, x, "train"), rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update(check_parts(hybrid))
+
+
+def test_gate_fails_when_window_attention_pads_short_sequences(monkeypatch):
+    monkeypatch.setattr(attention, "window_attention", attention.window_attention_padded)
+    with pytest.raises(AssertionError, match="flop_ratio_32"):
+        check_parts("mag")
 
 
 def test_declared_bands_cover_every_model():
