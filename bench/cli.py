@@ -349,7 +349,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_claims(args: argparse.Namespace) -> int:
     for v in claims.ledger(finished_rows(args.run_dir)):
-        print(f"{v.id:<4} {v.verdict:<13} {v.claim}\n     {v.evidence}")
+        print(f"{v.id:<4} {v.verdict:<13} {v.claim}\n     {v.evidence}\n     cells: {', '.join(v.cells) or '-'}")
     return 0
 
 

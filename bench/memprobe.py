@@ -1,9 +1,18 @@
 """Subprocess entry for one memory measurement: `python -m bench.memprobe '<json request>'`.
 Prints one JSON line: peak_bytes (above the baseline), baseline_bytes, probe (which counter was used).
-A fresh process per point keeps one point's allocations from hiding another's."""
+A fresh process per point keeps one point's allocations from hiding another's.
+
+A stream also reports, at each checkpoint, what the process holds (`snapshot`), all above the baseline taken
+after the model is built: `stream_rss_bytes` (resident memory now; on GPU the bytes allocated now), and the
+allocator's own accounts, `stream_heap_used_bytes` (bytes handed out: glibc's uordblks + hblkhd; on GPU
+memory_allocated) and `stream_heap_free_bytes` (bytes the allocator holds but has not handed out: glibc's
+fordblks; on GPU reserved - allocated). Beside the bytes the state's tensors own (bench.profile), they tell
+state growth from allocator retention: a peak that grows while the state and the used heap stay flat is the
+allocator or the libraries, not the memory."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 import sys
@@ -22,6 +31,27 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def heap() -> dict[str, int]:
+    """glibc's malloc accounts (empty where mallinfo2 is missing: another libc, glibc < 2.33)."""
+    try:
+        info = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return {}
+    info.restype = _MallInfo2
+    m = info()
+    return {"stream_heap_used_bytes": m.uordblks + m.hblkhd, "stream_heap_free_bytes": m.fordblks}
+
+
+def _above(now: dict[str, int], base: dict[str, int]) -> dict[str, int]:
+    return {k: v - base.get(k, 0) for k, v in now.items()}
+
+
 class CpuPeak:
     """Peak RSS above a baseline. Resets the kernel's high-water mark (clear_refs 5) where allowed;
     otherwise falls back to getrusage, whose peak includes everything before the baseline."""
@@ -33,6 +63,11 @@ class CpuPeak:
         except OSError:
             self.probe = "ru_maxrss"
         self.baseline = _status_kb("VmRSS") * 1024
+        self.heap = heap()
+
+    def snapshot(self) -> dict[str, int]:
+        return {"stream_peak_bytes": self.peak(), "stream_rss_bytes": _status_kb("VmRSS") * 1024 - self.baseline,
+                **_above(heap(), self.heap)}
 
     def peak(self) -> int:
         if self.probe == "VmHWM":
@@ -49,6 +84,14 @@ class CudaPeak:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         self.baseline = torch.cuda.memory_allocated()
+        self.reserved = torch.cuda.memory_reserved()
+
+    def snapshot(self) -> dict[str, int]:
+        torch.cuda.synchronize()
+        allocated = torch.cuda.memory_allocated()
+        free = torch.cuda.memory_reserved() - allocated - (self.reserved - self.baseline)
+        return {"stream_peak_bytes": self.peak(), "stream_rss_bytes": allocated - self.baseline,
+                "stream_heap_used_bytes": allocated - self.baseline, "stream_heap_free_bytes": free}
 
     def peak(self) -> int:
         torch.cuda.synchronize()
@@ -63,7 +106,7 @@ def main(request: dict) -> dict:
     if request["mode"] == "stream":
         meter = CudaPeak() if device.startswith("cuda") else CpuPeak()
         rows = stream(model, request["total"], request["piece"], request["checkpoints"], device,
-                      request["budget_s"], meter.peak)
+                      request["budget_s"], meter.snapshot)
         return {"rows": rows, "baseline_bytes": meter.baseline, "probe": meter.probe}
     x = make_input(model, request["batch"], request["n"], device)
     if request["mode"] == "train":

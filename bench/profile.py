@@ -1,7 +1,8 @@
 """Time, memory and FLOP profiles of a model against sequence length n, and the streaming profile.
 
 - time: forward in inference mode, and forward + backward; warm-up excluded, median of repeats with the
-  quartiles as spread; CUDA synchronised on GPU.
+  quartiles as spread, and every repeat kept (`samples`: the exponent's bootstrap resamples them); CUDA
+  synchronised on GPU.
 - memory: peak memory of one step, each point in a fresh subprocess (`bench.memprobe`). CPU: peak RSS above
   a baseline taken after the model and input are built (the kernel's high-water mark is reset first);
   GPU: max_memory_allocated above the allocated baseline after a reset.
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +107,7 @@ def measure_time(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, 
             times.append(elapsed)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     median = statistics.median(times)
-    spread = {"q25": q[0], "q75": q[2], "repeats": len(times)}
+    spread = {"q25": q[0], "q75": q[2], "repeats": len(times), "samples": times}  # every repeat: the bootstrap
     return [
         {"metric": f"time_{mode}_s", "value": median, "status": "ok", **spread},
         {"metric": f"tokens_per_s_{mode}", "value": cfg.batch * n / median, "status": "ok"},
@@ -172,10 +174,29 @@ def profile_point(model_name: str, model_config: dict[str, Any], n: int, metric:
 # streaming
 
 
+def state_bytes(state: Any) -> int:
+    """Bytes of the distinct tensor storages a (nested dict / list / tuple) state owns."""
+    seen: dict[int, int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list | tuple):
+            for v in x:
+                walk(v)
+    walk(state)
+    return sum(seen.values())
+
+
 def stream(model: torch.nn.Module, total: int, piece: int, checkpoints: list[int], device: str,
-           budget_s: float, memory_probe) -> list[dict[str, Any]]:
+           budget_s: float, memory_snapshot: Callable[[], dict[str, int]]) -> list[dict[str, Any]]:
     """Feed `total` tokens in pieces with the state carried (batch 1, inference mode). At each checkpoint
-    record elapsed time, tokens/s and the peak memory so far (memory_probe() -> bytes above baseline)."""
+    record elapsed time, tokens/s, the bytes the state owns, and what memory_snapshot() says the process
+    holds (metric -> bytes above the baseline; bench.memprobe)."""
     rows: list[dict[str, Any]] = []
     state, seen, start = None, 0, time.perf_counter()
     pending = sorted(checkpoints)
@@ -190,11 +211,10 @@ def stream(model: torch.nn.Module, total: int, piece: int, checkpoints: list[int
             elapsed = time.perf_counter() - start
             if seen == pending[0]:
                 pending.pop(0)
-                rows += [
-                    {"n": seen, "metric": "stream_time_s", "value": elapsed, "status": "ok"},
-                    {"n": seen, "metric": "stream_tokens_per_s", "value": seen / elapsed, "status": "ok"},
-                    {"n": seen, "metric": "stream_peak_bytes", "value": float(memory_probe()), "status": "ok"},
-                ]
+                held = {"stream_state_bytes": state_bytes(state), **memory_snapshot()}
+                rows += [{"n": seen, "metric": "stream_time_s", "value": elapsed, "status": "ok"},
+                         {"n": seen, "metric": "stream_tokens_per_s", "value": seen / elapsed, "status": "ok"},
+                         *({"n": seen, "metric": k, "value": float(v), "status": "ok"} for k, v in held.items())]
             if elapsed > budget_s and pending:
                 rows.append({"n": pending[0], "metric": "stream_time_s", "value": elapsed, "status": "timeout"})
                 break

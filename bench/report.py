@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 import models
-from bench import accuracy, claims, plots
-from bench.scaling import best_class, crossover, fit_power
+from bench import accuracy, claims, evidence, plots
+from bench.scaling import best_class, crossover
 from bench.store import read_frame
 
 PUBLISHED_ETTH1_96 = (
@@ -51,16 +51,18 @@ def models_section(frame: pd.DataFrame) -> str:
     for name in sorted(frame["model"].dropna().unique()):
         if name not in models.MODELS:
             continue
-        m = models.build(name)
+        m = models.build(name, **evidence.model_config(frame, name))
         seen = frame[(frame["model"] == name)].dropna(subset=["params"])
         params = int(seen["params"].iloc[0]) if len(seen) else m.num_params()
-        rows.append({"model": name, "params": f"{params:,}", "state @1K": f"{m.state_numel(1024):,}",
+        rows.append({"model": name, "family": models.spec(name).family, "params": f"{params:,}",
+                     "state @1K": f"{m.state_numel(1024):,}",
                      "state @1M": f"{m.state_numel(1 << 20):,}", "declared time": m.complexity.time,
                      "declared memory": m.complexity.memory, "streams": "yes" if m.streams else "no"})
     if not rows:
         return ""
-    return ("## Models\n\nParameter counts (default configs of this run's cells) and recurrent state sizes in numbers "
-            "per sequence (a KV cache grows with n; Titans memory does not).\n\n" + table(pd.DataFrame(rows)))
+    return ("## Models\n\nParameter counts (as this run's rows recorded them), families, and recurrent state sizes "
+            "in numbers per sequence (a KV cache grows with n; Titans memory does not).\n\n"
+            + table(pd.DataFrame(rows)))
 
 
 def accuracy_section(frame: pd.DataFrame, task: str) -> str:
@@ -112,20 +114,24 @@ def timeseries_section(frame: pd.DataFrame) -> str:
 def scaling_section(frame: pd.DataFrame) -> str:
     rows = []
     for metric in plots.SCALING_METRICS:
-        for model, group in frame[(frame["metric"] == metric) & (frame["status"] == "ok")].groupby("model"):
-            s = group.groupby("n")["value"].median().sort_index()
-            f = fit_power(s.index.to_numpy(), s.to_numpy())
+        for model in frame[(frame["metric"] == metric) & (frame["status"] == "ok")]["model"].unique():
+            s = evidence.series(frame, model, metric)
+            f = evidence.fitted(s)
             if f is None:
                 continue
+            ns = np.array(sorted(s.samples))
             rows.append({"metric": metric, "model": model, "exponent": f"{f.exponent:.2f}",
-                         "95% CI": f"[{f.ci_low:.2f}, {f.ci_high:.2f}]", "R²": f"{f.r2:.3f}",
-                         "fit range": f"{f.n_min}..{f.n_max}",
-                         "best class": best_class(s.index.to_numpy(), s.to_numpy())[0]})
+                         "95% CI (analytic)": f"[{f.ci_low:.2f}, {f.ci_high:.2f}]",
+                         "95% CI (bootstrap)": f"[{f.interval[0]:.2f}, {f.interval[1]:.2f}]", "R²": f"{f.r2:.3f}",
+                         "fit range": f"{f.n_min}..{f.n_max} ({f.points} lengths)",
+                         "best class": best_class(ns, np.array([np.median(s.samples[n]) for n in ns]))[0]})
     if not rows:
         return ""
-    return ("## Scaling\n\nLog-log least squares over the upper half of the measured lengths; best class among "
-            "1, log n, n, n log n, n² by relative error over all lengths. FLOPs count attention as the full n×n "
-            "product (the counter ignores causal masking, for both backends).\n\n" + table(pd.DataFrame(rows))
+    return ("## Scaling\n\nLog-log least squares over the upper half of the measured lengths (medians of the "
+            "repeats), with the analytic interval and the bootstrap one the claims use (resampling the repeats, or "
+            "the points where a length has one measurement: bench/scaling.py); best class among 1, log n, n, "
+            "n log n, n² by relative error over all lengths. FLOPs count attention as the full n×n product (the "
+            "counter ignores causal masking, for both backends).\n\n" + table(pd.DataFrame(rows))
             + "\n\n" + crossover_section(frame))
 
 
@@ -134,7 +140,7 @@ def crossover_section(frame: pd.DataFrame) -> str:
     for metric in ("time_forward_s", "time_train_s", "memory_train_bytes"):
         ok = frame[(frame["metric"] == metric) & (frame["status"] == "ok")]
         base = ok[ok["model"] == "transformer"].groupby("n")["value"].median()
-        for model in claims.TITANS:
+        for model in claims.titans(frame):
             t = ok[ok["model"] == model].groupby("n")["value"].median()
             common = base.index.intersection(t.index)
             if len(common) < 2:
@@ -150,26 +156,37 @@ def crossover_section(frame: pd.DataFrame) -> str:
         table(pd.DataFrame(rows).fillna(""))
 
 
+STREAM_COLUMNS = {"stream_time_s": "time s", "stream_tokens_per_s": "tokens/s", "stream_state_bytes": "state MiB",
+                  "stream_heap_used_bytes": "heap used MiB", "stream_heap_free_bytes": "heap free MiB",
+                  "stream_rss_bytes": "RSS MiB", "stream_peak_bytes": "peak MiB"}
+
+
 def streaming_section(frame: pd.DataFrame) -> str:
     rows = frame[frame["kind"] == "stream"]
     if rows.empty:
         return ""
     wide = rows.pivot_table(index=["model", "n"], columns="metric", values="value", aggfunc="mean").reset_index()
-    wide["peak MiB"] = wide.get("stream_peak_bytes", np.nan) / 2**20
-    cols = [c for c in ("model", "n", "stream_time_s", "stream_tokens_per_s", "peak MiB") if c in wide]
+    for metric in (m for m in STREAM_COLUMNS if m.endswith("_bytes") and m in wide):
+        wide[metric] = wide[metric] / 2**20
+    cols = ["model", "n", *(m for m in STREAM_COLUMNS if m in wide)]
     stopped = rows[rows["status"] != "ok"]
     note = "".join(f"\n\n{m} stopped before n={int(n):,}: {s}" for m, n, s in
                    zip(stopped["model"], stopped["n"], stopped["status"], strict=True))
-    return ("## Streaming\n\nBatch 1, inference mode, pieces with the state carried; peak memory above the process "
-            "baseline so far.\n\n" + table(wide[cols]) + note)
+    return ("## Streaming\n\nBatch 1, inference mode, pieces with the state carried. At each checkpoint: the bytes "
+            "the state's tensors own, the allocator's bytes in use and held free, the resident set, and the peak "
+            "so far, all above the process baseline after the model was built (bench/memprobe.py). A peak that "
+            "grows while the state stays flat is the allocator or the libraries, not the memory.\n\n"
+            + table(wide[cols].rename(columns=STREAM_COLUMNS)) + note)
 
 
 def claims_section(frame: pd.DataFrame) -> str:
     verdicts = claims.ledger(frame)
-    rows = pd.DataFrame([{"id": v.id, "claim": v.claim, "verdict": f"**{v.verdict}**", "evidence": v.evidence}
-                         for v in verdicts])
+    rows = pd.DataFrame([{"id": v.id, "claim": v.claim, "verdict": f"**{v.verdict}**", "evidence": v.evidence,
+                          "cells": len(v.cells)} for v in verdicts])
+    cells = "\n".join(f"- {v.id} ({v.claim}): {', '.join(v.cells)}" for v in verdicts if v.cells)
     return ("## Claims ledger\n\nEach verdict is computed from this run's rows by the rule stated in its evidence "
-            "(bench/claims.py).\n\n" + table(rows))
+            "(bench/claims.py); the cells behind each are listed below the table.\n\n" + table(rows)
+            + ("\n\nCells read per claim:\n\n" + cells if cells else ""))
 
 
 def build(run_dir: str | Path) -> Path:

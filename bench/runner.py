@@ -79,7 +79,8 @@ def run_stream_cell(cell: Cell, device: str, progress: bool = True) -> list[dict
 
 def run_dynamics_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
     r = cell.run_config
-    return run_dynamics(r["stream"], r["rule"], r["n"], r["window"], seed=cell.seed, memory=r.get("memory"))
+    return run_dynamics(r["stream"], r["rule"], r["n"], r["window"], seed=cell.seed, memory=r.get("memory"),
+                        train_steps=r.get("train_steps", 0))
 
 
 RUNNERS = {"train": run_train_cell, "profile": run_profile_cell, "stream": run_stream_cell,

@@ -97,10 +97,11 @@ class DynamicsEntry:
     window: int = 64
     seeds: tuple[int, ...] = (0,)
     memory: dict[str, Any] = field(default_factory=dict)  # MemoryConfig options besides `rule`
+    train_steps: int = 0  # > 0: the layer's outer parameters are trained first (bench/dynamics.py)
 
     def __post_init__(self):
         check(self, streams=each(one_of(*STREAMS)), rules=each(one_of(*RULES)), n=at_least(1),
-              window=at_least(1), seeds=each(SEED))
+              window=at_least(1), seeds=each(SEED), train_steps=at_least(0))
 
 
 def available() -> list[str]:
@@ -162,7 +163,8 @@ def dynamics_cells(where: str, shared: dict[str, Any], entry: DynamicsEntry) -> 
         raise SuiteError(f"{where}: memory sets `rule`; list the rules in `rules` instead")
     make_config(MemoryConfig, entry.memory, "dynamics memory")
     return [Cell(kind="dynamics", model="lmm", seed=seed, run_config={
-                "stream": stream, "rule": rule, "n": entry.n, "window": entry.window, "memory": entry.memory})
+                "stream": stream, "rule": rule, "n": entry.n, "window": entry.window, "memory": entry.memory,
+                **({"train_steps": entry.train_steps} if entry.train_steps else {})})
             for stream in entry.streams for rule in entry.rules for seed in entry.seeds]
 
 

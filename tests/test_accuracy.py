@@ -71,13 +71,12 @@ def c9_frame(lmm_values, transformer_values):
     ((0.5, 0.9), (0.6, 0.8), "inconclusive"),
 ])
 def test_c9_reaches_each_verdict_from_per_model_seed_ranges(lmm, transformer, verdict):
-    got, text = claims.c9(c9_frame(lmm, transformer))
-    assert got == verdict and "lmm" in text
+    judged = claims.c9(c9_frame(lmm, transformer))
+    assert judged.verdict == verdict and "lmm" in judged.evidence
 
 
 def test_c9_is_not_measured_without_a_transformer_beside_a_titans_model():
-    got, _ = claims.c9(frame([row("lmm", 64, 0.9)]))
-    assert got == claims.NOT_MEASURED
+    assert claims.c9(frame([row("lmm", 64, 0.9)])).verdict == claims.NOT_MEASURED
 
 
 def with_recipe(r, **model_config):

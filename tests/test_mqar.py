@@ -1,6 +1,8 @@
 """The multi-query associative recall task: sequence layout, disjoint key and value vocabularies, loss on the
 answers only, the evaluation grid, accuracy by distance, and that a small model learns it."""
 
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,27 @@ def test_a_small_transformer_learns_recall_on_its_training_distribution():
     net = task.build_network(models.build("transformer"), 64)
     result = train(net, task, TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup=30), progress=False)
     assert result.status == "ok" and result.final_validation["val_accuracy"] > 0.9
+
+
+def train_on_the_issue_recall_problem(model: str, steps: int, **model_config):
+    """The conditions under which the memory models used to go to NaN: 16 pairs over 64 tokens, vocab 256, batch
+    32, AdamW 3e-3, 100 warm-up steps, cosine decay, gradient norm clipped at 1 (LMM at step 342, MAL at 327)."""
+    torch.manual_seed(0)
+    task = tasks.build("mqar", vocab=256, pairs=(16, 16), gap=(0, 0), eval_pairs=(16,), val_batches=1)
+    net = task.build_network(models.build(model, **model_config), 64)
+    return train(net, task, TrainConfig(steps=steps, batch_size=32, lr=3e-3, warmup=100, grad_clip=1.0),
+                 progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lmm", "mal"])
+def test_memory_models_stay_finite_where_they_used_to_diverge(model):
+    result = train_on_the_issue_recall_problem(model, steps=400)
+    assert result.status == "ok" and all(map(math.isfinite, result.losses))
+
+
+@pytest.mark.slow
+def test_without_the_inner_gradient_clip_the_same_run_diverges():
+    """The control that shows the test above can fail: the defaults' inner step with the clip removed."""
+    result = train_on_the_issue_recall_problem("lmm", steps=400, mem_clip=0.0)
+    assert result.status == "diverged"

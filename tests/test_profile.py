@@ -50,7 +50,7 @@ def test_points_over_budget_are_recorded_and_larger_n_skipped(tmp_path):
 
 
 def test_stream_keeps_state_and_reports_each_checkpoint():
-    rows = stream(models.build("lmm"), 3000, 700, [1000, 3000], "cpu", 60, lambda: 123)
+    rows = stream(models.build("lmm"), 3000, 700, [1000, 3000], "cpu", 60, lambda: {"stream_peak_bytes": 123})
     got = {(r["n"], r["metric"]) for r in rows}
     assert {(1000, "stream_time_s"), (3000, "stream_peak_bytes"), (3000, "stream_tokens_per_s")} <= got
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from bench.claims import ledger
-from bench.scaling import best_class, crossover, fit_power
+from bench.scaling import best_class, crossover, fit_power, fit_ratio, fit_samples
 
 NS = np.array([256, 512, 1024, 2048, 4096, 8192, 16384], dtype=float)
 
@@ -73,3 +73,34 @@ def test_missing_measurements_are_not_measured_not_guessed():
     v = verdicts(frame(lambda n: 1e-9 * n * n))
     assert v[("C3", "Titans time O(n d log n)")] == "not measured"
     assert v[("C10", "context windows beyond 2M tokens")] == "not measured"
+
+
+def repeats_of(f, ns, seed, level=0.03, k=3):
+    rng = np.random.default_rng(seed)
+    return {n: list(f(n) * np.exp(rng.normal(0, level, k))) for n in ns}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bootstrap_over_repeats_is_narrow_and_covers_the_exponent_on_three_lengths(seed):
+    samples = repeats_of(lambda n: 1e-9 * n * n, [4096, 8192, 16384], seed)
+    fit = fit_samples(samples, fraction=1.0)
+    low, high = fit.interval
+    assert (low, high) == (fit.boot_low, fit.boot_high) and low - 0.05 <= 2.0 <= high + 0.05
+    assert fit.half_width < 0.15 and fit.ci_high - fit.ci_low > high - low  # t = 12.7 on the analytic one (1 df)
+    assert fit_samples(samples, fraction=1.0) == fit  # a fixed seed: the same rows, the same interval
+
+
+def test_bootstrap_widens_with_the_measurement_noise_and_resamples_points_without_repeats():
+    quiet = fit_samples(repeats_of(lambda n: n, NS, 0, level=0.01), fraction=1.0)
+    loud = fit_samples(repeats_of(lambda n: n, NS, 0, level=0.2), fraction=1.0)
+    assert quiet.half_width < loud.half_width
+    single = fit_samples({n: [n**1.5] for n in NS}, fraction=1.0)  # exact power law, one point per n
+    assert single.interval == pytest.approx((1.5, 1.5))
+    bent = fit_samples({n: [n + 1e-4 * n * n] for n in NS}, fraction=1.0)  # curvature: the points disagree
+    assert bent.half_width > 0.05
+
+
+def test_ratio_fit_recovers_the_slope_of_the_cost_ratio():
+    fit = fit_ratio(repeats_of(lambda n: 1e-9 * n * n, NS, 0), repeats_of(lambda n: 1e-5 * n, NS, 1))
+    low, high = fit.interval
+    assert low - 0.05 <= 1.0 <= high + 0.05 and high - low < 0.3
