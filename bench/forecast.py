@@ -64,6 +64,10 @@ def errors(frame: pd.DataFrame) -> pd.DataFrame:
     if parsed.empty:
         return pd.DataFrame()
     rows = rows.loc[parsed.index]
+    known = extra_field(rows, "horizon").notna()  # rows written before horizons were recorded are left out
+    rows, parsed = rows[known], parsed[known]
+    if rows.empty:
+        return pd.DataFrame()
     reference = parsed[2].notna()
     out = pd.DataFrame({
         "dataset": extra_field(rows, "dataset"), "lookback": rows["n"].astype(int),
@@ -103,7 +107,7 @@ def by_horizon(frame: pd.DataFrame, lookback: int) -> pd.DataFrame:
         out.append(row)
     horizons = sorted(int(h) for h in s["horizon"].unique())
     columns = ["dataset", "forecaster", *(f"h{h}" for h in horizons), "avg"]
-    return pd.DataFrame(out).reindex(columns=columns).fillna("")
+    return pd.DataFrame(out).reindex(columns=columns).astype(object).fillna("")
 
 
 def published(datasets: set[str]) -> pd.DataFrame:
@@ -116,7 +120,7 @@ def published(datasets: set[str]) -> pd.DataFrame:
             row["avg" if p.horizon is None else f"h{p.horizon}"] = f"{p.mse:.3f} / {p.mae:.3f}"
             row["source"] = p.source
     columns = ["dataset", "forecaster", *(f"h{h}" for h in HORIZONS), "avg", "source"]
-    return pd.DataFrame(list(out.values())).reindex(columns=columns).fillna("–")
+    return pd.DataFrame(list(out.values())).reindex(columns=columns).astype(object).fillna("–")
 
 
 def cell_summary(rows: pd.DataFrame) -> pd.DataFrame:
