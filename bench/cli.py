@@ -24,7 +24,7 @@ import torch
 
 import models
 import tasks
-from bench import claims, compare, env, report, suite
+from bench import claims, compare, env, forecast, report, suite
 from bench.cells import Cell
 from bench.profile import METRICS, MODES
 from bench.ray_executor import RayUnreachable, connect
@@ -83,9 +83,17 @@ def setup(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def print_rows(frame) -> None:
+    """A cell's rows, short: a forecasting cell as its forecasters side by side (model and references) after its
+    training rows; the learning curve and the example forecasts stay in the CSV and the plots."""
+    forecasters = forecast.cell_summary(frame)
+    if not forecasters.empty:
+        frame = frame[~frame["metric"].str.match(forecast.METRIC.pattern)]
+    frame = frame[(frame["metric"] != "learning_curve") & ~frame["metric"].str.startswith("example_")]
     cols = [c for c in ("model", "task", "n", "metric", "value", "ci_low", "ci_high", "status") if c in frame]
     with pd.option_context("display.max_rows", 1000, "display.width", 160):
         print(frame[cols].to_string(index=False))
+        if not forecasters.empty:
+            print("\n" + forecasters.to_string(index=False, float_format="{:.4f}".format))
 
 
 def prepare(cells: list[Cell]) -> None:
@@ -200,7 +208,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     device, threads = setup(args)
     train_cfg = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                                   "val_every": args.val_every}.items() if v is not None}
+                                   "val_every": args.val_every, "patience": args.patience}.items() if v is not None}
     task_cfg = parse_assignments(args.task_arg, "--task-arg")
     task_cfg.update({k: v for k, v in {"dataset": args.dataset, "data_dir": args.data_dir}.items() if v})
     entry = {"task": args.task, "models": [args.model], "seeds": [args.seed], "task_config": task_cfg,
@@ -374,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--val-every", type=int, help="score validation every N steps and keep the best weights")
+    p.add_argument("--patience", type=int, help="with --val-every: stop after N validations without a new best")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option, repeatable")
     p.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="task option, repeatable")
     p.add_argument("--dataset", help="timeseries: synthetic, etth1 or etth2 (same as --task-arg dataset=...)")

@@ -13,7 +13,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench import accuracy  # noqa: E402
+from bench import accuracy, forecast  # noqa: E402
 from bench.scaling import fit_power  # noqa: E402
 
 SCALING_METRICS = {
@@ -187,22 +187,59 @@ def learning_curves(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
 
 
 def forecasts(frame: pd.DataFrame, out: Path) -> Path | None:
-    rows = frame[frame["metric"].isin(["example_input", "example_target", "example_forecast"])]
+    """One test window per model at the run's first forecasting setting (dataset, then the shortest horizon and
+    look-back): the look-back, the target, the model's forecast and DLinear's on the same window."""
+    rows = frame[frame["metric"].str.startswith("example_", na=False)]
     if rows.empty:
         return None
+    rows = rows.assign(dataset=accuracy.extra_field(rows, "dataset"), horizon=accuracy.extra_field(rows, "horizon"),
+                       lookback=accuracy.extra_field(rows, "lookback"))
+    first = rows.sort_values(["dataset", "horizon", "lookback"]).iloc[0]
+    rows = rows[(rows["dataset"] == first["dataset"]) & (rows["horizon"] == first["horizon"])
+                & (rows["lookback"] == first["lookback"])]
     models_ = sorted(rows["model"].unique())
     fig, axes = plt.subplots(len(models_), 1, figsize=(8, 2.2 * len(models_)), sharex=True, squeeze=False)
+    styles = (("example_input", "k-"), ("example_target", "g-"), ("example_forecast", "r--"),
+              ("example_forecast_dlinear", "b:"))
     for ax, model in zip(axes[:, 0], models_, strict=True):
         m = rows[rows["model"] == model]
-        for metric, style in (("example_input", "k-"), ("example_target", "g-"), ("example_forecast", "r--")):
+        for metric, style in styles:
             s = m[m["metric"] == metric].groupby("n")["value"].mean()
-            ax.plot(s.index, s.values, style, lw=1, label=metric.removeprefix("example_"))
+            if not s.empty:
+                label = metric.removeprefix("example_").replace("forecast_", "")
+                ax.plot(s.index, s.values, style, lw=1, label=label)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_ylabel(model)
         ax.legend(fontsize=7, loc="upper left")
     axes[-1, 0].set_xlabel("hours from the forecast origin (last channel, normalised)")
-    fig.suptitle("forecast examples (one test window)")
+    fig.suptitle(f"forecast examples: {first['dataset']}, look-back {first['lookback']:.0f}, "
+                 f"horizon {first['horizon']:.0f} (one test window)")
     return _save(fig, out / "forecast_examples.png")
+
+
+def forecast_lookback(frame: pd.DataFrame, out: Path) -> list[Path]:
+    """Test MSE against look-back, one line per forecaster (references dashed), one figure per dataset with a
+    panel per horizon; only where some forecaster ran at two look-backs or more."""
+    scores = forecast.scores(frame)
+    if scores.empty:
+        return []
+    made = []
+    for dataset, d in scores.groupby("dataset"):
+        horizons = [h for h, g in d.groupby("horizon") if g["lookback"].nunique() > 1]
+        if not horizons:
+            continue
+        fig, axes = plt.subplots(1, len(horizons), figsize=(5.5 * len(horizons), 4.2), squeeze=False)
+        for ax, horizon in zip(axes[0], horizons, strict=True):
+            for (kind, name), g in d[d["horizon"] == horizon].groupby(["kind", "forecaster"]):
+                g = g.sort_values("lookback")
+                ax.plot(g["lookback"], g["mse"], "o-" if kind == "model" else "s--", ms=4, lw=1.1,
+                        label=name if kind == "model" else f"({name})")
+            ax.set(xscale="log", xlabel="look-back (steps)", ylabel="test MSE", title=f"{dataset}, horizon {horizon}")
+            ax.set_xticks(sorted(d["lookback"].unique()), [str(v) for v in sorted(d["lookback"].unique())])
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        made.append(_save(fig, out / f"forecast_mse_vs_lookback_{dataset}.png"))
+    return made
 
 
 def dynamics(frame: pd.DataFrame, out: Path) -> Path | None:
@@ -249,5 +286,5 @@ def all_plots(frame: pd.DataFrame, out: Path) -> list[Path]:
     swept = frame[frame["pairs"].notna()] if "pairs" in frame else frame.iloc[:0]
     made += [pairs_heatmap(frame, m, out) for m in sorted(swept["model"].dropna().unique())]
     made.append(recall_by_distance(frame, out))
-    made += [forecasts(frame, out), dynamics(frame, out), streaming(frame, out)]
+    made += [forecasts(frame, out), dynamics(frame, out), streaming(frame, out)] + forecast_lookback(frame, out)
     return [p for p in made if p is not None]

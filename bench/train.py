@@ -12,7 +12,9 @@ MSE).
 The learning curve is kept: the training loss of every step (the result holds it; the runner stores a thinned
 copy) and, every `val_every` steps, the task's validation metrics (loss and answer accuracy on the training
 distribution's held-out stream). With `val_every`, the weights of the lowest validation loss are restored at the
-end, as the published code bases do with early stopping."""
+end, as the published code bases do with early stopping; with `patience` as well, the run stops once that many
+validations in a row have not lowered the best validation loss (the Time-Series-Library rule, counted in
+validations rather than epochs). `steps` is then the budget, `train_steps` in the results what was used."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from models.config import Rule, above, at_least, check
+from models.config import Rule, above, at_least, check, require
 from tasks.base import Task, TaskNetwork
 
 EXPLOSION_AFTER, EXPLOSION_EMA = 20, 0.1
@@ -39,12 +41,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     time_budget_s: float | None = None  # stop early (status "ok", fewer steps) when exceeded
     val_every: int = 0  # > 0: every so many steps score the task's validation loss; keep the best weights
+    patience: int = 0  # > 0 (needs val_every): stop after this many validations without a new best; 0: run all steps
     diverge_factor: float = 10.0  # a smoothed loss this many times its start ends the run as diverged; 0: off
 
     def __post_init__(self):
         check(self, steps=at_least(1), batch_size=at_least(1), lr=above(0), weight_decay=at_least(0),
               warmup=at_least(0), grad_clip=above(0), time_budget_s=above(0), val_every=at_least(0),
-              diverge_factor=Rule(lambda v: v == 0 or v > 1, "0 (off) or > 1"))
+              diverge_factor=Rule(lambda v: v == 0 or v > 1, "0 (off) or > 1"), patience=at_least(0))
+        require(self.patience == 0 or self.val_every > 0,
+                f"patience={self.patience} needs val_every > 0 (it counts validations), got val_every={self.val_every}")
 
 
 @dataclass
@@ -114,7 +119,7 @@ def train(
     losses: list[float] = []
     validation: list[dict[str, float]] = []
     tokens, start, status, step = 0, time.perf_counter(), "ok", 0
-    best_val, best_state = None, None
+    best_val, best_state, stale = None, None, 0
     watch = ExplosionWatch(cfg.diverge_factor)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
@@ -139,7 +144,11 @@ def train(
             validation.append({"step": step + 1, **scores})
             val = scores.get("val_loss")
             if val is not None and (best_val is None or val < best_val):
-                best_val, best_state = val, {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best_val, best_state, stale = val, {k: v.detach().clone() for k, v in net.state_dict().items()}, 0
+            elif val is not None:
+                stale += 1
+            if cfg.patience and stale >= cfg.patience:
+                break
         if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
             break
     bar.close()

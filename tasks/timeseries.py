@@ -7,16 +7,23 @@ Time-Series-Library conventions):
 Datasets: `etth1`, `etth2` (located and sha256-checked by tasks.data) and `synthetic`, embedded and seeded:
 daily and weekly seasonality, a half-day harmonic, a slow trend and noise on 7 channels, same row count.
 
-Model IO: point tokens (each time step's channel vector projected to d_model), the backbone, then a direct
-multi-horizon head on the last token's output (the only position that has seen the whole look-back in a
-causal model). Optional instance normalisation (each window's own mean and std, removed before the model
-and restored after; on by default). The task also scores two reference forecasts on the same windows:
-repeat-last-value and seasonal-naive (period 24).
+Model IO, the field's setup as options (tasks/forecasters.py; the defaults are the published models' setup, and the
+validation sweep that is to confirm them is listed in docs/forecasting.md): RevIN (`revin`, `revin_affine`), channel
+independence (`channel_independent`: each variable its own series through the shared backbone, as in PatchTST),
+patch tokens (`patch_len`, `patch_stride`; 1 and 1 give one token per time step) and a direct multi-horizon head, a
+linear map from the last token's output (`head = "last"`: the only position that has seen the whole look-back in a
+causal model) or from all of them flattened (`"flatten"`, PatchTST's head).
+
+References scored on the same windows (`test_mse_<name>` beside `test_mse`): repeat-last-value, seasonal-naive
+(period 24), and two learned linear maps fitted on the train split by the published recipe with early stopping on
+the validation split, DLinear and RLinear (a linear map on RevIN). They are fitted once per process and data
+setting, seeded, so every cell of a run reports the same reference numbers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -25,11 +32,13 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from models.config import at_least, check
-from tasks.base import Batch, Task, generator
+from models.config import at_least, check, one_of, require
+from tasks.base import SPLITS, Batch, Task, generator
 from tasks.data import locate
+from tasks.forecasters import REFERENCES, RevIN, patch_count, patches
 
 DATASETS = ("synthetic", "etth1", "etth2")
+HEADS = ("last", "flatten")
 TRAIN_END, VAL_END, TEST_END = 8640, 11520, 14400
 PERIOD = 24
 
@@ -39,7 +48,13 @@ class TimeseriesConfig:
     dataset: str = "synthetic"
     lookback: int = 96
     horizon: int = 96
-    instance_norm: bool = True
+    revin: bool = True
+    revin_affine: bool = False
+    channel_independent: bool = True
+    patch_len: int = 16
+    patch_stride: int = 8
+    head: str = "flatten"
+    linear_references: bool = True  # fit DLinear and RLinear for the evaluation (seconds per data setting)
     data_dir: str | None = None
     path: str | None = None  # explicit CSV path (beats the data folder and the cache)
     data_seed: int = 0
@@ -48,10 +63,13 @@ class TimeseriesConfig:
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
-        check(self, data_seed=at_least(0), eval_batch=at_least(1))
+        check(self, data_seed=at_least(0), eval_batch=at_least(1), patch_len=at_least(1), patch_stride=at_least(1),
+              head=one_of(*HEADS))
         if self.lookback < 1 or self.horizon < 1 or self.lookback + self.horizon > TRAIN_END:
             raise ValueError(f"need lookback, horizon >= 1 and lookback + horizon <= {TRAIN_END}, got "
                              f"{self.lookback}, {self.horizon}")
+        require(self.patch_stride <= self.patch_len,
+                f"patch_stride={self.patch_stride} must be <= patch_len={self.patch_len} (no step left out)")
 
 
 def synthetic_series(seed: int, rows: int = TEST_END, channels: int = 7) -> Tensor:
@@ -66,23 +84,36 @@ def synthetic_series(seed: int, rows: int = TEST_END, channels: int = 7) -> Tens
 
 
 class ForecastNetwork(nn.Module):
-    def __init__(self, backbone: nn.Module, d_model: int, channels: int, horizon: int, instance_norm: bool):
+    """[B, L, C] windows -> [B, H, C] forecasts: RevIN, series (the window, or each channel alone), patch tokens,
+    the backbone, the head, RevIN undone."""
+
+    def __init__(self, backbone: nn.Module, d_model: int, channels: int, config: TimeseriesConfig):
         super().__init__()
-        self.embed = nn.Linear(channels, d_model)
+        c = self.config = config
+        width = 1 if c.channel_independent else channels  # values per time step in one series
+        self.revin = RevIN(channels, c.revin_affine) if c.revin else None
+        self.embed = nn.Linear(c.patch_len * width, d_model)
         self.backbone = backbone
-        self.head = nn.Linear(d_model, horizon * channels)
-        self.horizon, self.channels, self.instance_norm = horizon, channels, instance_norm
+        tokens = patch_count(c.lookback, c.patch_len, c.patch_stride) if c.head == "flatten" else 1
+        self.head = nn.Linear(tokens * d_model, c.horizon * width)
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        """x: [B, L, C] -> forecast [B, H, C]."""
-        if self.instance_norm:
-            mean, std = x.mean(1, keepdim=True), x.std(1, keepdim=True).clamp_min(1e-5)
-            x = (x - mean) / std
-        y, state = self.backbone(self.embed(x), state)
-        out = self.head(y[:, -1]).view(-1, self.horizon, self.channels)
-        if self.instance_norm:
-            out = out * std + mean
+        c = self.config
+        batch, length, channels = x.shape
+        if self.revin is not None:
+            x, stats = self.revin.normalise(x)
+        series = x.transpose(1, 2).reshape(batch * channels, length, 1) if c.channel_independent else x
+        y, state = self.backbone(self.embed(patches(series, c.patch_len, c.patch_stride)), state)
+        out = self.head(y.flatten(1) if c.head == "flatten" else y[:, -1])
+        out = out.view(batch, channels, c.horizon).transpose(1, 2) if c.channel_independent else \
+            out.view(batch, c.horizon, channels)
+        if self.revin is not None:
+            out = self.revin.restore(out, stats)
         return out, state
+
+
+Forecaster = Callable[[Tensor], Tensor]  # [B, L, C] look-back windows (CPU) -> [B, H, C] forecasts (CPU)
+_FITTED: dict[tuple, dict[str, tuple[nn.Module, dict[str, Any]]]] = {}  # per data setting, for the process
 
 
 class TimeseriesTask(Task):
@@ -128,17 +159,20 @@ class TimeseriesTask(Task):
 
     @property
     def variant(self) -> str:
-        return self.config.dataset
+        """Dataset and horizon: results at different horizons are never pooled (the look-back is the length n)."""
+        return f"{self.config.dataset}-h{self.config.horizon}"
 
     def build_network(self, backbone: nn.Module, d_model: int) -> ForecastNetwork:
-        c = self.config
-        return ForecastNetwork(backbone, d_model, self.data.shape[1], c.horizon, c.instance_norm)
+        return ForecastNetwork(backbone, d_model, self.data.shape[1], self.config)
 
     def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         return (outputs - batch.targets).pow(2).mean()
 
     def tokens(self, batch: Batch) -> int:
-        return batch.inputs.shape[0] * batch.inputs.shape[1]
+        """Tokens through the backbone: series per window times patches per series."""
+        c = self.config
+        series = batch.inputs.shape[0] * (batch.inputs.shape[2] if c.channel_independent else 1)
+        return series * patch_count(c.lookback, c.patch_len, c.patch_stride)
 
     @staticmethod
     def references(inputs: Tensor, horizon: int) -> dict[str, Tensor]:
@@ -150,50 +184,114 @@ class TimeseriesTask(Task):
         return {"repeat_last": last, "seasonal_naive": seasonal}
 
     @torch.inference_mode()
-    def split_errors(self, net: nn.Module, device: torch.device | str, split: str) -> tuple[dict[str, Tensor], int]:
-        """Summed squared and absolute errors over every window of a split, for the model and the references."""
+    def split_errors(self, forecasters: dict[str, Forecaster], split: str) -> tuple[dict[str, Tensor], int]:
+        """Summed squared and absolute errors of each forecaster over every window of a split."""
         c = self.config
-        net.eval()
         starts = list(self.windows(split))
-        sums = {name: torch.zeros(2, dtype=torch.float64) for name in ("model", "repeat_last", "seasonal_naive")}
+        sums = {name: torch.zeros(2, dtype=torch.float64) for name in forecasters}
         for i in range(0, len(starts), c.eval_batch):
             batch = self.batch_at(starts[i : i + c.eval_batch])
-            forecasts = {"model": net(batch.inputs.to(device))[0].cpu(), **self.references(batch.inputs, c.horizon)}
-            for name, pred in forecasts.items():
-                err = (pred - batch.targets).double()
+            for name, forecast in forecasters.items():
+                err = (forecast(batch.inputs) - batch.targets).double()
                 sums[name] += torch.stack([err.pow(2).sum(), err.abs().sum()])
         return sums, len(starts)
+
+    def split_mse(self, forecast: Forecaster, split: str) -> float:
+        sums, windows = self.split_errors({"f": forecast}, split)
+        return float(sums["f"][0]) / (windows * self.config.horizon * self.data.shape[1])
+
+    @staticmethod
+    def model_forecaster(net: nn.Module, device: torch.device | str) -> Forecaster:
+        return lambda inputs: net(inputs.to(device))[0].cpu()
 
     def validate(self, net: nn.Module, device: torch.device | str) -> dict[str, float]:
         """Validation MSE over every window of the validation split (the checkpoint-selection loss)."""
         was_training = net.training
-        sums, windows = self.split_errors(net, device, "val")
+        net.eval()
+        loss = self.split_mse(self.model_forecaster(net, device), "val")
         net.train(was_training)
-        return {"val_loss": float(sums["model"][0]) / (windows * self.config.horizon * self.data.shape[1])}
+        return {"val_loss": loss}
+
+    def fit_reference(self, name: str) -> tuple[nn.Module, dict[str, Any]]:
+        """A learned reference fitted on the train split by its recipe: the epoch of the lowest validation MSE is
+        kept. Deterministic for a data setting (seeded initialisation and batch order; the global RNG is left as
+        it was). Returns the module and what its fit did (epochs run, best epoch, learning rate)."""
+        c = self.config
+        cls, recipe = REFERENCES[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(c.data_seed)
+            module = cls(c.lookback, c.horizon, self.data.shape[1])
+        opt = torch.optim.Adam(module.parameters(), lr=recipe.lr)
+        starts = torch.tensor(self.windows("train"))
+        best, best_epoch, best_state, epoch = math.inf, 0, None, 0
+        for epoch in range(1, recipe.epochs + 1):
+            for group in opt.param_groups:
+                group["lr"] = recipe.lr * 0.5 ** max(0, epoch - 2)  # the library halves it from the third
+            order = starts[torch.randperm(len(starts), generator=generator(c.data_seed, SPLITS["train"], epoch))]
+            for i in range(0, len(order) - recipe.batch_size + 1, recipe.batch_size):
+                batch = self.batch_at(order[i : i + recipe.batch_size].tolist())
+                loss = self.loss(module(batch.inputs), batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            val = self.split_mse(module, "val")
+            if val < best:
+                best, best_epoch, best_state = val, epoch, {k: v.clone() for k, v in module.state_dict().items()}
+            elif epoch - best_epoch >= recipe.patience:
+                break
+        module.load_state_dict(best_state)
+        module.eval()
+        return module, {"epochs": epoch, "best_epoch": best_epoch, "lr": recipe.lr, "batch_size": recipe.batch_size}
+
+    def fitted_references(self) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+        """The learned references of this data setting, fitted once per process (empty with linear_references
+        off)."""
+        c = self.config
+        if not c.linear_references:
+            return {}
+        key = (c.dataset, c.data_seed, c.lookback, c.horizon, tuple(REFERENCES.values()))
+        if key not in _FITTED:
+            _FITTED[key] = {name: self.fit_reference(name) for name in REFERENCES}
+        return _FITTED[key]
+
+    def forecasters(self, net: nn.Module, device: torch.device | str) -> tuple[dict[str, Forecaster], dict[str, dict]]:
+        """The model and every reference, by name ("model" first), and what each learned reference's fit did."""
+        fitted = self.fitted_references()
+        naive = {name: (lambda inputs, name=name: self.references(inputs, self.config.horizon)[name])
+                 for name in ("repeat_last", "seasonal_naive")}
+        return ({"model": self.model_forecaster(net, device), **{name: m for name, (m, _) in fitted.items()}, **naive},
+                {name: info for name, (_, info) in fitted.items()})
 
     def evaluate(self, net: nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
         c = self.config
+        net.eval()
+        forecasters, fits = self.forecasters(net, device)
+        common = {"n": c.lookback, "variant": self.variant, "dataset": c.dataset, "horizon": c.horizon,
+                  "train_windows": len(self.windows("train"))}
         rows = []
         for split in ("val", "test"):
-            sums, windows = self.split_errors(net, device, split)
+            sums, windows = self.split_errors(forecasters, split)
             count = windows * c.horizon * self.data.shape[1]
             for name, (sq, ab) in sums.items():
-                suffix = "" if name == "model" else f"_{name}"  # e.g. test_mse, test_mse_seasonal_naive
-                common = {"n": c.lookback, "horizon": c.horizon, "windows": windows,
-                          "variant": c.dataset}
-                rows.append({**common, "metric": f"{split}_mse{suffix}", "value": float(sq) / count})
-                rows.append({**common, "metric": f"{split}_mae{suffix}", "value": float(ab) / count})
-        return rows + self.example_rows(net, device)
+                suffix = "" if name == "model" else f"_{name}"  # e.g. test_mse, test_mse_dlinear
+                extra = {**common, "windows": windows, **({"fit": fits[name]} if name in fits else {})}
+                rows.append({**extra, "metric": f"{split}_mse{suffix}", "value": float(sq) / count})
+                rows.append({**extra, "metric": f"{split}_mae{suffix}", "value": float(ab) / count})
+        return rows + self.example_rows(forecasters)
 
     @torch.inference_mode()
-    def example_rows(self, net: nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
-        """One test window of the last channel (OT for ETT) for the report's forecast plot; n is the offset in
-        time from the forecast origin (negative: the look-back)."""
+    def example_rows(self, forecasters: dict[str, Forecaster]) -> list[dict[str, Any]]:
+        """One test window of the last channel (OT for ETT) for the report's forecast plot: the look-back, the
+        target and each forecaster's forecast (`example_forecast` for the model, `example_forecast_<reference>`);
+        n is the offset in time from the forecast origin (negative: the look-back)."""
         c = self.config
-        batch = self.batch_at([self.windows("test")[len(self.windows("test")) // 2]])
-        forecast = net(batch.inputs.to(device))[0].cpu()[0, :, -1]
+        test = self.windows("test")
+        batch = self.batch_at([test[len(test) // 2]])
         series = {"example_input": (range(-c.lookback, 0), batch.inputs[0, :, -1]),
-                  "example_target": (range(c.horizon), batch.targets[0, :, -1]),
-                  "example_forecast": (range(c.horizon), forecast)}
-        return [{"n": offset, "metric": metric, "value": float(v), "variant": c.dataset}
+                  "example_target": (range(c.horizon), batch.targets[0, :, -1])}
+        for name, forecast in forecasters.items():
+            suffix = "" if name == "model" else f"_{name}"
+            series[f"example_forecast{suffix}"] = (range(c.horizon), forecast(batch.inputs)[0, :, -1])
+        common = {"variant": self.variant, "dataset": c.dataset, "horizon": c.horizon, "lookback": c.lookback}
+        return [{**common, "n": offset, "metric": metric, "value": float(v)}
                 for metric, (offsets, values) in series.items() for offset, v in zip(offsets, values, strict=True)]

@@ -106,3 +106,19 @@ def test_lengths_double_from_low_and_must_land_on_high():
     for bad in ("1000:3000", "0:4", "8:4", "a:b", "3,0", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="invalid lengths"):
             parse_lengths(bad)
+
+
+def test_train_summary_puts_forecasters_side_by_side_and_leaves_the_examples_out(capsys):
+    from bench.cli import print_rows
+    common = {"model": "lmm", "task": "timeseries", "n": 96, "status": "ok", "seed": 0,
+              "extra": json.dumps({"dataset": "etth1", "horizon": 96})}
+    rows = [{**common, "metric": "train_steps", "value": 700.0}]
+    rows += [{**common, "metric": f"{split}_{m}{ref}", "value": v}
+             for ref, v in [("", 0.39), ("_dlinear", 0.396), ("_seasonal_naive", 0.512)]
+             for split in ("val", "test") for m in ("mse", "mae")]
+    rows += [{**common, "n": t, "metric": "example_forecast", "value": 0.1} for t in range(96)]
+    print_rows(pd.DataFrame(rows))
+    out = capsys.readouterr().out
+    assert "train_steps" in out and "example" not in out and len(out.splitlines()) < 10
+    assert any(line.split()[:4] == ["lmm", "0.3900", "0.3900", "0.3900"] for line in out.splitlines())
+    assert any(line.split()[:1] == ["dlinear"] for line in out.splitlines())

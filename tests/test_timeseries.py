@@ -5,6 +5,8 @@ import torch
 
 import models
 import tasks
+from tasks import forecasters
+from tasks.forecasters import LinearRecipe
 from tasks.timeseries import TEST_END, TRAIN_END, VAL_END, TimeseriesTask
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -34,15 +36,37 @@ def test_reference_forecasts_are_exact_on_their_own_kind_of_series():
     torch.testing.assert_close(TimeseriesTask.references(constant, 10)["repeat_last"], torch.full((1, 10, 3), 2.5))
 
 
-def test_training_then_evaluation_reports_model_and_references():
+def test_training_then_evaluation_reports_model_and_references(monkeypatch):
+    """Every forecaster is scored on the same windows: the model, the two learned linear references (one quick
+    epoch here) and the two naive ones; each forecaster's example forecast is kept for the plot."""
     from bench.train import TrainConfig, train
+    quick = LinearRecipe(lr=1e-3, batch_size=256, epochs=1)
+    for name, (cls, _) in list(forecasters.REFERENCES.items()):
+        monkeypatch.setitem(forecasters.REFERENCES, name, (cls, quick))
     task = tasks.build("timeseries", lookback=48, horizon=24)
     net = task.build_network(models.build("lmm"), 64)
     result = train(net, task, TrainConfig(steps=30, batch_size=16, warmup=5), progress=False)
     assert result.status == "ok" and result.losses[-1] < result.losses[0]
-    metrics = {r["metric"]: r["value"] for r in task.evaluate(net, "cpu")}
-    assert {"test_mse", "test_mae", "test_mse_seasonal_naive", "test_mse_repeat_last", "val_mse"} <= set(metrics)
+    rows = task.evaluate(net, "cpu")
+    metrics = {r["metric"]: r["value"] for r in rows}
+    for name in ("", "_seasonal_naive", "_repeat_last", "_dlinear", "_rlinear"):
+        assert {f"test_mse{name}", f"test_mae{name}", f"val_mse{name}", f"example_forecast{name}"} <= set(metrics)
     assert metrics["test_mse_seasonal_naive"] < metrics["test_mse_repeat_last"]  # the synthetic set is seasonal
+    assert metrics["test_mse_dlinear"] < metrics["test_mse_repeat_last"]  # one epoch already learns the season
+    assert next(r for r in rows if r["metric"] == "test_mse_dlinear")["fit"]["epochs"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "ETTh1.csv").exists(), reason="needs ../shared/data/ETTh1.csv")
+def test_dlinear_reproduces_its_published_etth1_row():
+    """The protocol check: DLinear fitted by its published recipe on our windows lands within 3 % of its published
+    ETTh1 look-back-96 horizon-96 row, 0.386 / 0.400 (TimesNet's baseline table). A wrong split, scaler or
+    window count moves it further."""
+    task = tasks.build("timeseries", dataset="etth1", data_dir=str(SHARED), lookback=96, horizon=96)
+    dlinear, _ = task.fitted_references()["dlinear"]
+    sums, windows = task.split_errors({"dlinear": dlinear}, "test")
+    mse, mae = (float(v) / (windows * 96 * 7) for v in sums["dlinear"])
+    assert abs(mse / 0.386 - 1) < 0.03 and abs(mae / 0.400 - 1) < 0.03, (mse, mae)
 
 
 @pytest.mark.skipif(not (SHARED / "ETTh1.csv").exists(), reason="needs ../shared/data/ETTh1.csv")

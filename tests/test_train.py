@@ -1,10 +1,12 @@
 import math
 
+import pytest
 import torch
 
 import models
 import tasks
 from bench.train import EXPLOSION_AFTER, ExplosionWatch, TrainConfig, lr_at, train
+from models.config import ConfigError
 
 
 def test_training_reduces_copy_loss():
@@ -60,3 +62,28 @@ def test_a_finite_explosion_is_recorded_as_diverged():
     result = train(net, task, TrainConfig(steps=60, batch_size=8, warmup=5, lr=10.0), progress=False)
     assert result.status == "diverged" and all(math.isfinite(v) for v in result.losses)
     assert result.steps < 60 and result.final_loss > 10 * result.losses[0]
+
+
+def test_early_stopping_ends_after_patience_stale_validations_and_restores_the_best_weights():
+    """Validation scores scripted to improve twice then worsen: with patience 3 the run stops at the fifth
+    validation (step 10 of 100) and ends on the weights of the second (step 4)."""
+    task = tasks.build("copy", train_max_len=4)
+    scripted = iter([5.0, 4.0, 4.5, 6.0, 7.0, 8.0, 9.0])
+    seen = {}
+
+    class Scripted(type(task)):
+        def validate(self, net, device):
+            seen[len(seen)] = {k: v.clone() for k, v in net.state_dict().items()}
+            return {"val_loss": next(scripted)}
+
+    t = Scripted(task.config)
+    net = t.build_network(models.build("transformer", d_model=16, n_layers=1, n_heads=2), 16)
+    result = train(net, t, TrainConfig(steps=100, batch_size=4, warmup=1, val_every=2, patience=3), progress=False)
+    assert result.steps == 10 and result.best_val == 4.0 and [v["step"] for v in result.validation] == [2, 4, 6, 8, 10]
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, seen[1][key])
+
+
+def test_patience_without_validation_is_refused():
+    with pytest.raises(ConfigError, match="patience=3 needs val_every > 0"):
+        TrainConfig(patience=3)
