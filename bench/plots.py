@@ -58,23 +58,29 @@ def scaling(frame: pd.DataFrame, metric: str, out: Path) -> Path | None:
     return _save(fig, out / f"scaling_{metric}.png")
 
 
+def _accuracy_grid(grid: pd.DataFrame, row_labels: list[str]) -> tuple[plt.Figure, plt.Axes]:
+    """A [rows x lengths] accuracy table as a red-to-green heatmap with its values written in (empty cells left
+    blank) and a colour bar; the caller names the axes."""
+    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.55 * grid.shape[0] + 1.8))
+    im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [f"{int(n)}" for n in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), row_labels)
+    for (i, j), value in np.ndenumerate(grid.values):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    return fig, ax
+
+
 def niah_heatmap(frame: pd.DataFrame, model: str, out: Path) -> Path | None:
     rows = frame[(frame["task"] == "niah") & (frame["model"] == model) & (frame["metric"] == "exact_match")]
     if rows.empty:
         return None
     grid = rows.pivot_table(index="depth", columns="n", values="value", aggfunc="mean").sort_index(ascending=False)
-    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.55 * grid.shape[0] + 1.8))
-    im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), [f"{int(n)}" for n in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [f"{d:g}%" for d in grid.index])
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            ax.text(j, i, f"{grid.values[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    trained = rows["extra"].dropna().map(lambda e: pd.read_json(pd.io.common.StringIO(e), typ="series")
-                                         .get("trained_length")).dropna()
-    note = f" (trained at {int(trained.iloc[0])})" if len(trained) else ""
+    fig, ax = _accuracy_grid(grid, [f"{d:g}%" for d in grid.index])
+    trained = accuracy.trained_length(rows)
+    note = f" (trained at {int(trained)})" if not np.isnan(trained) else ""
     ax.set(xlabel="context length", ylabel="needle depth", title=f"NIAH exact match — {model}{note}")
-    fig.colorbar(im, ax=ax, fraction=0.05)
     return _save(fig, out / f"niah_heatmap_{model}.png")
 
 
@@ -115,20 +121,12 @@ def pairs_heatmap(frame: pd.DataFrame, model: str, out: Path) -> Path | None:
     if rows.empty or rows["pairs"].isna().all():
         return None
     grid = rows.pivot_table(index="pairs", columns="n", values="value", aggfunc="mean").sort_index(ascending=False)
-    fig, ax = plt.subplots(figsize=(1.1 * grid.shape[1] + 2.5, 0.5 * grid.shape[0] + 1.8))
-    im = ax.imshow(grid.values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(grid.shape[1]), [f"{int(n)}" for n in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [f"{int(p)}" for p in grid.index])
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            if not np.isnan(grid.values[i, j]):
-                ax.text(j, i, f"{grid.values[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig, ax = _accuracy_grid(grid, [f"{int(p)}" for p in grid.index])
     seeds = rows["seed"].nunique()
     trained = accuracy.trained_length(rows)
     note = f", trained up to n={int(trained)}" if not np.isnan(trained) else ""
     ax.set(xlabel="sequence length n", ylabel="key-value pairs",
            title=f"MQAR query accuracy — {model} ({seeds} seed{'s' if seeds > 1 else ''}{note})")
-    fig.colorbar(im, ax=ax, fraction=0.05)
     return _save(fig, out / f"mqar_grid_{model}.png")
 
 

@@ -148,3 +148,28 @@ class Task(ABC):
 
     def tokens(self, batch: Batch) -> int:
         return batch.inputs.shape[0] * batch.inputs.shape[1]
+
+
+class TokenTask(Task):
+    """A task over token sequences with answers marked: batches drawn from a split's own stream
+    (`batch(split, index, size)`), validation batches of 64 from the validation stream, an embedding and a
+    linear head over `self.vocab`, cross-entropy on the answers only."""
+
+    vocab: int
+    validation_batch_size = 64
+
+    @abstractmethod
+    def batch(self, split: str, index: int, batch_size: int) -> Batch:
+        """A batch of the training distribution from a split's stream: the same for the same (seed, split, index)."""
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        return self.batch("train", step, batch_size)
+
+    def validation_batches(self) -> list[Batch]:
+        return [self.batch("val", i, self.validation_batch_size) for i in range(self.config.val_batches)]
+
+    def build_network(self, backbone: nn.Module, d_model: int) -> TaskNetwork:
+        return TaskNetwork(nn.Embedding(self.vocab, d_model), backbone, nn.Linear(d_model, self.vocab))
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
+        return token_loss(outputs, batch)

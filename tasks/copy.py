@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from models.config import at_least, check, each
-from tasks.base import SPLITS, Batch, Task, TaskNetwork, accuracy_rows, answer_hits, generator, pack, token_loss
+from tasks.base import SPLITS, Batch, TaskNetwork, TokenTask, accuracy_rows, answer_hits, generator, pack
 
 PAD, BOS, SEP, EOS, NOISE = 0, 1, 2, 3, 4
 FIRST_SYMBOL = 5
@@ -44,7 +43,7 @@ class CopyConfig:
               eval_samples=at_least(1), data_seed=at_least(0))
 
 
-class CopyTask(Task):
+class CopyTask(TokenTask):
     name = "copy"
     headline = "exact_match"
 
@@ -82,17 +81,6 @@ class CopyTask(Task):
         lengths = torch.randint(c.train_min_len, c.train_max_len + 1, (batch_size,), generator=gen).tolist()
         return self._batch(gen, lengths)
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        return self.batch("train", step, batch_size)
-
-    def validation_batches(self) -> list[Batch]:
-        return [self.batch("val", i, 64) for i in range(self.config.val_batches)]
-
-    def build_network(self, backbone: nn.Module, d_model: int) -> TaskNetwork:
-        return TaskNetwork(nn.Embedding(self.vocab, d_model), backbone, nn.Linear(d_model, self.vocab))
-
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return token_loss(outputs, batch)
 
     @torch.inference_mode()
     def evaluate(self, net: TaskNetwork, device: torch.device | str, chunk: int = 50) -> list[dict[str, Any]]:

@@ -25,18 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from tasks.base import (
     IGNORE,
     SPLITS,
     Batch,
-    Task,
     TaskNetwork,
+    TokenTask,
     answer_hits,
     generator,
     pack,
-    token_loss,
     wilson_interval,
 )
 
@@ -85,7 +83,7 @@ def distance_bin(distance: int) -> int:
     return 1 << int(math.log2(max(distance, 1)))
 
 
-class MqarTask(Task):
+class MqarTask(TokenTask):
     name = "mqar"
     headline = "query_accuracy"
     validation_headline = "query_accuracy"  # every answer is one token: answer-token accuracy
@@ -120,17 +118,6 @@ class MqarTask(Task):
         gap = int(torch.randint(c.gap[0], c.gap[1] + 1, (1,), generator=gen))
         return pack([self.example(gen, pairs, gap)[:2] for _ in range(batch_size)], PAD)
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        return self.batch("train", step, batch_size)
-
-    def validation_batches(self) -> list[Batch]:
-        return [self.batch("val", i, 64) for i in range(self.config.val_batches)]
-
-    def build_network(self, backbone: nn.Module, d_model: int) -> TaskNetwork:
-        return TaskNetwork(nn.Embedding(self.vocab, d_model), backbone, nn.Linear(d_model, self.vocab))
-
-    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
-        return token_loss(outputs, batch)
 
     def grid(self) -> list[tuple[int, int]]:
         """(pairs, length) cells of the test grid that can hold their pairs and queries."""
