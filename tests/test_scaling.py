@@ -41,11 +41,11 @@ def test_crossover_is_interpolated_between_grid_points():
 
 def frame(time_of, titans_time_of=None, n=NS):
     rows = []
-    for model, f in [("transformer", time_of), ("transformer-naive", time_of), ("lmm", titans_time_of),
-                     ("mac", titans_time_of)]:
+    for seed, (model, f) in enumerate([("transformer", time_of), ("transformer-naive", time_of),
+                                       ("lmm", titans_time_of), ("mac", titans_time_of)]):
         if f is None:
             continue
-        for i, value in enumerate(noisy(f(n), hash(model) % 100)):
+        for i, value in enumerate(noisy(f(n), seed)):
             rows.append({"kind": "profile", "model": model, "n": n[i], "metric": "time_forward_s", "value": value,
                          "status": "ok", "variant": "time"})
     return pd.DataFrame(rows)
@@ -56,7 +56,9 @@ def verdicts(df):
 
 
 def test_quadratic_attention_and_linear_titans_support_c1_c3_c5():
-    v = verdicts(frame(lambda n: 1e-9 * n * n + 1e-6 * n, lambda n: 2e-5 * n))
+    # a linear term of 1e-6 n would put the local exponent at 1.67 at n = 2048: a real edge case, inconclusive
+    # under half the noise draws; this one is quadratic throughout the fitted half of the grid
+    v = verdicts(frame(lambda n: 1e-9 * n * n + 1e-7 * n, lambda n: 2e-5 * n))
     assert v[("C1", "Transformer time O(n^2 d)")] == "supported"
     assert v[("C3", "Titans time O(n d log n)")] == "supported"
     assert v[("C5", "T_transformer / T_titans -> infinity")] == "supported"
