@@ -375,6 +375,21 @@ def test_an_unreachable_ray_cluster_is_a_clear_error_and_leaves_no_folder(tmp_pa
     assert case_unreachable_ray(tmp_path).code == 2
 
 
+@pytest.mark.parametrize("err", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")],
+                         ids=["cuda", "python", "cpu-allocator"])
+def test_cuda_and_cpu_allocation_failures_are_both_oom(monkeypatch, err):
+    from bench import runner
+    from bench.cells import Cell
+
+    def fail(cell, device, progress):
+        raise err
+
+    monkeypatch.setitem(runner.RUNNERS, "profile", fail)
+    [row] = runner.run_cell(Cell(kind="profile", model="swa", run_config={"n": 64, "metric": "memory"}), "cpu", 1)
+    assert row["status"] == "oom" and row["n"] == 64
+
+
 def test_a_cell_killed_by_rays_memory_monitor_is_oom():
     ray = pytest.importorskip("ray")
     from bench.cells import Cell
