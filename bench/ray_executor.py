@@ -5,7 +5,8 @@
 - Order: cells of one profile series (a model and metric over n) run one after another, so a budget failure
   still skips the larger n; different series and training cells run in parallel.
 - Faults: a worker that dies mid-cell is retried by Ray (`max_retries`); a cell that still fails becomes an
-  `error` row. Rows reach the store only once, from the driver; an interrupted driver resumes from the store.
+  `oom` row when Ray's memory monitor killed it, else an `error` row. Rows reach the store only once, from the
+  driver; an interrupted driver resumes from the store.
 - Connecting: `connect` first checks that something listens at HOST:PORT (CONNECT_TIMEOUT_S), because Ray
   itself retries an unreachable address for minutes; the CLI connects before it creates the run folder.
 """
@@ -63,6 +64,18 @@ def exclusive(cell: Cell) -> bool:
     return cell.kind == "stream" or (cell.kind == "profile" and cell.run_config.get("metric") in ("time", "memory"))
 
 
+def failed_rows(cell: Cell, err: Exception, device: str, threads: int) -> list[dict[str, Any]]:
+    """The status row of a cell whose Ray task failed for good: `oom` when Ray's memory monitor killed it (the
+    worker ran out of host memory, as a CPU allocation failure inside the cell is `oom`), else `error`."""
+    import ray
+
+    status = "oom" if isinstance(err, ray.exceptions.OutOfMemoryError) else "error"
+    return [{"kind": cell.kind, "model": cell.model, "task": cell.task, "seed": cell.seed,
+             "n": cell.run_config.get("n"), "metric": "status", "value": float("nan"), "status": status,
+             "device": device, "threads": threads, "config": cell.as_dict(),
+             "error": f"failed on Ray after {MAX_RETRIES} retries: {type(err).__name__}"}]
+
+
 def run_on_ray(queues: dict[str, deque], skipped: Callable[[Cell], list | None],
                settle: Callable[[Cell, list], None], device: str, threads: int, address: str | None) -> None:
     import ray
@@ -90,8 +103,6 @@ def run_on_ray(queues: dict[str, deque], skipped: Callable[[Cell], list | None],
         try:
             rows = ray.get(ready[0])
         except ray.exceptions.RayError as err:
-            rows = [{"kind": cell.kind, "model": cell.model, "task": cell.task, "metric": "status",
-                     "value": float("nan"), "status": "error", "config": cell.as_dict(),
-                     "error": f"failed on Ray after {MAX_RETRIES} retries: {type(err).__name__}"}]
+            rows = failed_rows(cell, err, device, threads)
         settle(cell, rows)
         submit(key)

@@ -31,10 +31,18 @@ def table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
 
 
 def setup_section(run_dir: Path, frame: pd.DataFrame) -> str:
-    env_path = run_dir / "env.json"
-    env = json.loads(env_path.read_text()) if env_path.exists() else {}
+    try:  # env.json: the first invocation's fields at the top, every invocation (resumes too) in `invocations`
+        env = json.loads((run_dir / "env.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # absent or unreadable: the rows still report
+        env = {}
     keys = ["suite", "torch", "python", "cpu", "threads", "device", "gpu", "memory_kernel", "git_commit", "command"]
     lines = [f"- **{k}**: {env[k]}" for k in keys if env.get(k) is not None]
+    history = env.get("invocations") if isinstance(env.get("invocations"), list) else []
+    if len(history) > 1:
+        changed = [f"{k} {' / '.join(dict.fromkeys(str(inv.get(k)) for inv in history))}" for k in keys[1:-1]
+                   if len({json.dumps(inv.get(k), default=str) for inv in history}) > 1]
+        lines.append(f"- **invocations**: {len(history)} (the run was resumed; fields above are the first one's)"
+                     + (f"; differing: {'; '.join(changed)}" if changed else ""))
     status = frame.groupby("status").size().to_dict()
     lines.append(f"- **rows**: {len(frame)} in {frame['cell_id'].nunique()} cells; status counts {status}")
     return "## Setup\n\n" + "\n".join(lines)

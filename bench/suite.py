@@ -197,7 +197,8 @@ def expand(name: str, data: dict[str, Any], where: str | None = None) -> Suite:
                 cells += make_cells(at, shared, make_config(entry_cls, raw, at, noun="key"))
             except (ConfigError, KeyError) as err:
                 message = err.args[0] if isinstance(err, KeyError) else str(err)
-                raise SuiteError(message if message.startswith(at) else f"{at}: {message}") from err
+                named = message.startswith((at, f"unknown {at} "))  # make_config named the entry already
+                raise SuiteError(message if named else f"{at}: {message}") from err
     if not cells:
         raise SuiteError(f"suite {name!r} has no cells: add a [[train]], [[profile]], [[stream]] or [[dynamics]] "
                          "entry")

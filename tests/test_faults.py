@@ -278,6 +278,12 @@ def test_bad_suite_values_exit_2_naming_key_value_and_what_is_valid(tmp_path, te
     assert case_bad_input(tmp_path, ["run", "--suite", str(tmp_path / "bad.toml")], needle).code == 2
 
 
+def test_a_misspelt_entry_key_names_the_entry_once(tmp_path):
+    (tmp_path / "bad.toml").write_text('[[train]]\ntask = "copy"\nmodels = ["swa"]\nseed = [1]\n')
+    result = case_bad_input(tmp_path, ["run", "--suite", str(tmp_path / "bad.toml")], "key(s) ['seed']; valid: ")
+    assert result.code == 2 and result.err.count("[[train]] #1") == 1, result.err
+
+
 def test_unreadable_data_and_results_exit_2(tmp_path):
     (tmp_path / "a_folder").mkdir()  # a path that cannot be read as a file (as root, mode 000 still reads)
     niah = ["train", "--model", "swa", "--task", "niah", "--task-arg", "haystack=text"]
@@ -367,6 +373,43 @@ def case_unreachable_ray(tmp: Path) -> Outcome:
 
 def test_an_unreachable_ray_cluster_is_a_clear_error_and_leaves_no_folder(tmp_path):
     assert case_unreachable_ray(tmp_path).code == 2
+
+
+@pytest.mark.parametrize("err", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")],
+                         ids=["cuda", "python", "cpu-allocator"])
+def test_cuda_and_cpu_allocation_failures_are_both_oom(monkeypatch, err):
+    from bench import runner
+    from bench.cells import Cell
+
+    def fail(cell, device, progress):
+        raise err
+
+    monkeypatch.setitem(runner.RUNNERS, "profile", fail)
+    [row] = runner.run_cell(Cell(kind="profile", model="swa", run_config={"n": 64, "metric": "memory"}), "cpu", 1)
+    assert row["status"] == "oom" and row["n"] == 64
+
+
+def test_a_cell_killed_by_rays_memory_monitor_is_oom():
+    ray = pytest.importorskip("ray")
+    from bench.cells import Cell
+    from bench.ray_executor import failed_rows
+
+    cell = Cell(kind="profile", model="swa", run_config={"n": 512, "metric": "memory"})
+    [oom] = failed_rows(cell, ray.exceptions.OutOfMemoryError("killed by the memory monitor"), "cpu", 1)
+    [crash] = failed_rows(cell, ray.exceptions.WorkerCrashedError(), "cpu", 1)
+    assert (oom["status"], crash["status"]) == ("oom", "error") and oom["n"] == 512  # the series skips larger n
+
+
+def test_the_report_names_every_invocation_and_survives_an_unreadable_env_json(tmp_path):
+    suite, run = finished_run(tmp_path)
+    assert invoke("run", "--suite", str(suite), "--resume", str(run))[0] == 0
+    assert len(json.loads((run / "env.json").read_text())["invocations"]) == 2
+    assert invoke("report", str(run))[0] == 0
+    assert "**invocations**: 2" in (run / "report.md").read_text()
+    (run / "env.json").write_text('{"suite": "tin')  # torn by hand: the report still comes from the rows
+    code, _, err = invoke("report", str(run))
+    assert code == 0 and "Traceback" not in err and "**rows**: 27" in (run / "report.md").read_text()
 
 
 CASES = {
