@@ -540,8 +540,10 @@ def chunked_scan(
     groups = [(size, count) for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1))
               if size and count]
     lengths = [size * count for size, count in groups]
-    pieces = [x.split(lengths, dim=-2) for x in (q, k, v)]
-    gates = [x.split(lengths, dim=-1) for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
+    # one group (a call of whole chunks, as MAC's segments are) is not split: a split records a node in training
+    pieces = [x.split(lengths, dim=-2) if len(groups) > 1 else (x,) for x in (q, k, v)]
+    gates = [x.split(lengths, dim=-1) if len(groups) > 1 else (x,)
+             for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
     states = [torch.cat([w, s], -2).flatten(0, 1) for w, s in zip(weights, momentum, strict=True)]
     anchor = [a.flatten(0, 1) for a in anchor]
     inference = not (torch.is_grad_enabled() and any(
