@@ -12,11 +12,14 @@ memory weights at the segment start, and the keys/values of the segment's tokens
 Segments chain only through the memory: segment s reads the weights that the writes of segments < s left.
 So the default path (`mac_path="hoisted"`) does everything that depends on the input alone once per call,
 for all segments together: the projections of x and their rotary positions, the persistent keys, the
-retrieval queries and the read's output gate, the masks; and step 4 after the last segment. What is left
-per segment is the chain itself, each step batched over batch and heads: the read at the segment-start
-weights, h's keys and values, the attention, the write (NeuralMemory's own call, compiled). The
-`mac_path="segment_loop"` reference runs the four steps segment by segment as written above; the tests hold
-the two equal."""
+retrieval queries and the read's output gate, the masks, the rotary tables and the product of weights that
+takes a read to h's keys and values; and after the last segment, step 4 and the memory's own output step
+(norm, gate, projection of its reads: nothing in the chain consumes them). What is left per segment is the
+chain itself, each step batched over batch and heads and kept to few dispatches (at n = 16K a block runs
+256 steps, each of dozens of small kernels, so per-kernel overhead is most of MAC's time): the read at the
+segment-start weights and h's keys and values from it, the attention, the write (NeuralMemory.write: the
+projections and the compiled scan). The `mac_path="segment_loop"` reference runs the four steps segment by
+segment as written above; the tests hold the two equal."""
 
 from __future__ import annotations
 
