@@ -20,14 +20,21 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+def rotary_tables(start: int, n: int, dh: int, base: float, dtype: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles at positions start..start+n-1, [n, dh // 2] each."""
+    half = dh // 2
+    inv_freq = base ** (-torch.arange(half, device=device, dtype=torch.float64) / half)
+    pos = torch.arange(start, start + n, device=device, dtype=torch.float64)
+    angles = torch.outer(pos, inv_freq)  # [N, dh/2]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rotary(x: Tensor, start: int, base: float = 10000.0) -> Tensor:
     """Rotate pairs of channels by position-dependent angles. x: [B, H, N, dh], positions start..start+N."""
     n, dh = x.shape[-2], x.shape[-1]
     half = dh // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
-    pos = torch.arange(start, start + n, device=x.device, dtype=torch.float64)
-    angles = torch.outer(pos, inv_freq)  # [N, dh/2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    cos, sin = rotary_tables(start, n, dh, base, x.dtype, x.device)
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return torch.cat([rotated, x[..., 2 * half :]], dim=-1) if dh % 2 else rotated

@@ -12,11 +12,14 @@ memory weights at the segment start, and the keys/values of the segment's tokens
 Segments chain only through the memory: segment s reads the weights that the writes of segments < s left.
 So the default path (`mac_path="hoisted"`) does everything that depends on the input alone once per call,
 for all segments together: the projections of x and their rotary positions, the persistent keys, the
-retrieval queries and the read's output gate, the masks; and step 4 after the last segment. What is left
-per segment is the chain itself, each step batched over batch and heads: the read at the segment-start
-weights, h's keys and values, the attention, the write (NeuralMemory's own call, compiled). The
-`mac_path="segment_loop"` reference runs the four steps segment by segment as written above; the tests hold
-the two equal."""
+retrieval queries and the read's output gate, the masks, the rotary tables and the product of weights that
+takes a read to h's keys and values; and after the last segment, step 4 and the memory's own output step
+(norm, gate, projection of its reads: nothing in the chain consumes them). What is left per segment is the
+chain itself, each step batched over batch and heads and kept to few dispatches (at n = 16K a block runs
+256 steps, each of dozens of small kernels, so per-kernel overhead is most of MAC's time): the read at the
+segment-start weights and h's keys and values from it, the attention, the write (NeuralMemory.write: the
+projections and the compiled scan). The `mac_path="segment_loop"` reference runs the four steps segment by
+segment as written above; the tests hold the two equal."""
 
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import causal_mask, check_backend, masked_attention
-from models.layers import ResidualBlock, RMSNorm, rotary
-from models.neural_memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_forward
+from models.layers import ResidualBlock, RMSNorm, rotary, rotary_tables
+from models.neural_memory import NORM_EPS, NeuralMemory, l2_normalise
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 
@@ -88,41 +91,71 @@ class MemoryAsContext(nn.Module):
         memory = self.memory  # NeuralMemory.read, split: its queries and output gate for the whole call here
         retrieval = l2_normalise(memory.retrieve_q(x).view(b, n, c.n_heads, -1).transpose(1, 2))  # [B, H, n, dh]
         read_gate = torch.sigmoid(memory.out_gate(x))  # [B, n, D]
-        kv_persistent, kv_weight = self.persistent_kv(b, x.dtype), self.qkv.weight[d:]  # h's queries are never used
+        kv_persistent = self.persistent_kv(b, x.dtype)
+        read_kv, cos, sin = self.read_kv_weight(x.dtype, x.device)
         # the rest of the current segment, then whole segments, then the beginning of one; split rather than
         # sliced per segment, since each slice's backward would write into a zero tensor the size of the call
         first = min(n, c.segment - o)
         sizes = [s for s in [first] + [c.segment] * ((n - first) // c.segment) + [(n - first) % c.segment] if s]
         pieces = zip(*(t.split(sizes, dim=-2) for t in (q, kx, vx, retrieval, read_gate)), strict=True)
         masks: dict[tuple[int, int], Tensor] = {}
-        ys, ms, cache, start_weights, so = [], [], state["cache"], state["start_weights"], o
+        ys, written, reads, cache, start_weights, so = [], [], [], state["cache"], state["start_weights"], o
         for q_s, kx_s, vx_s, retrieval_s, read_gate_s in pieces:  # the chain; so: the offset inside the segment
             if so == 0:
                 start_weights = memory_state["weights"]
-            h = self.retrieve(mlp_forward(start_weights, retrieval_s)[0][-1], read_gate_s)  # [B, c, D]
-            kh, vh = self.heads(F.linear(h, kv_weight))
-            kv = (rotary(kh, so, c.rope_base), vh, kx_s, vx_s)
+            size = q_s.shape[-2]
+            kh, vh = self.read(start_weights, retrieval_s, read_gate_s, read_kv, cos[so : so + size],
+                               sin[so : so + size])
+            kv = (kh, vh, kx_s, vx_s)
             if so:
                 kv = tuple(torch.cat([cached, new], dim=-2) for cached, new in zip(cache, kv, strict=True))
-            shape = (q_s.shape[-2], kv[0].shape[-2])
+            shape = (size, kv[0].shape[-2])
             if shape not in masks:
                 masks[shape] = self.mask(*shape, x.device)
             y = self.attend(q_s, kv_persistent + kv, masks[shape])
-            m, memory_state = memory(self.write_norm(y), memory_state)  # write with y, read after write
+            normed = F.rms_norm(y, (d,), self.write_norm.weight, self.write_norm.eps)
+            read, memory_state = memory.write(normed, memory_state)  # write with y, read after write
             ys.append(y)
-            ms.append(m)
-            cache, so = kv, (so + q_s.shape[-2]) % c.segment
+            written.append(normed)
+            reads.append(read)
+            cache, so = kv, (so + size) % c.segment
         new_state = {"memory": memory_state, "start_weights": start_weights, "offset": so,
                      "cache": cache if so else None}
-        return self.gate(torch.cat(ys, dim=1), torch.cat(ms, dim=1)), new_state
+        m = memory.finish(torch.cat(reads, dim=-2), torch.cat(written, dim=1))  # the write's output step, at once
+        return self.gate(torch.cat(ys, dim=1), m), new_state
 
-    def retrieve(self, y: Tensor, gate: Tensor) -> Tensor:
-        """The end of NeuralMemory.read (its `finish`, torch ops) with the gate sigmoid(out_gate(x)) [B, c, D]
-        computed beforehand: the reads y [B, H, c, dh] RMS-normed per head, gated, projected. [B, c, D].
-        At one segment's size the torch ops cost less than a call of the compiled norm."""
-        b, heads, n, dh = y.shape
+    def read_kv_weight(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """What turns a segment's retrieval into h's keys and values in one product: h = out(r) for the gated,
+        normed reads r, and its keys and values are linear in h, so r maps to them through the product of the two
+        weights, [3 D, D]: rows for h's keys, for their rotated halves (rotary's (-x2, x1), as a signed
+        permutation of the key rows), and for h's values. Rotary then costs a multiply-add with the tables cos,
+        sin [C, D] (positions 0..C-1 of a segment, repeated per head)."""
+        c, d = self.c, self.c.d_model
+        dh, half = d // c.n_heads, d // c.n_heads // 2
+        w_k, w_v = self.qkv.weight[d : 2 * d], self.qkv.weight[2 * d :]
+        perm = torch.cat([torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, dh)])
+        sign = torch.cat([-torch.ones(half), torch.ones(half), torch.zeros(dh - 2 * half)]).to(device, dtype)
+        w_rotated = (w_k.view(c.n_heads, dh, d)[:, perm.to(device)] * sign[:, None]).reshape(d, d)
+        weight = torch.cat([w_k, w_rotated, w_v]).to(dtype) @ self.memory.out.weight.to(dtype)
+        cos, sin = rotary_tables(0, c.segment, dh, c.rope_base, dtype, device)  # [C, dh // 2]
+        odd = cos.new_ones(c.segment, dh - 2 * half)
+        cos, sin = torch.cat([cos, cos, odd], dim=-1), torch.cat([sin, sin, 0 * odd], dim=-1)  # [C, dh]
+        return weight, cos.repeat(1, c.n_heads), sin.repeat(1, c.n_heads)
+
+    def read(self, weights: list[Tensor], queries: Tensor, gate: Tensor, read_kv: Tensor, cos: Tensor,
+             sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Step 1 and h's keys and values: the memory read at the segment-start `weights` with the retrieval
+        queries [B, H, c, dh], finished as NeuralMemory.finish does with the gate sigmoid(out_gate(x)) [B, c, D]
+        computed beforehand (torch ops: at one segment's size they cost less than a call of the compiled norm),
+        through `read_kv_weight` and rotated from the segment start. Returns kh, vh [B, H, c, dh]."""
+        (b, heads, n, dh), d = queries.shape, self.c.d_model
+        y = queries
+        for layer, w in enumerate(weights):
+            y = y @ w if layer == len(weights) - 1 else F.silu(y @ w)
         y = F.rms_norm(y, (dh,), self.memory.out_norm, eps=NORM_EPS)
-        return self.memory.out(y.transpose(1, 2).reshape(b, n, heads * dh) * gate)
+        kkv = F.linear(y.transpose(1, 2).reshape(b, n, d) * gate, read_kv)  # [B, c, 3 D]
+        kh = torch.addcmul(kkv[..., :d] * cos, kkv[..., d : 2 * d], sin)
+        return tuple(t.view(b, n, heads, dh).transpose(1, 2) for t in (kh, kkv[..., 2 * d :]))
 
     # ------------------------------------------------------------------------------------------------------
     # the reference: the four steps of the module docstring, one segment at a time

@@ -540,8 +540,10 @@ def chunked_scan(
     groups = [(size, count) for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1))
               if size and count]
     lengths = [size * count for size, count in groups]
-    pieces = [x.split(lengths, dim=-2) for x in (q, k, v)]
-    gates = [x.split(lengths, dim=-1) for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
+    # one group (a call of whole chunks, as MAC's segments are) is not split: a split records a node in training
+    pieces = [x.split(lengths, dim=-2) if len(groups) > 1 else (x,) for x in (q, k, v)]
+    gates = [x.split(lengths, dim=-1) if len(groups) > 1 else (x,)
+             for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
     states = [torch.cat([w, s], -2).flatten(0, 1) for w, s in zip(weights, momentum, strict=True)]
     anchor = [a.flatten(0, 1) for a in anchor]
     inference = not (torch.is_grad_enabled() and any(
@@ -753,6 +755,15 @@ class NeuralMemory(nn.Module):
                 y, state = self(piece.contiguous(), state)  # once: each projection would copy the strided view
                 ys.append(y)
             return torch.cat(ys, dim=1), state
+        y, new_state = self.write(x, state, diagnostics)
+        return self.finish(y, x), new_state
+
+    def write(self, x: Tensor, state: dict[str, Any],
+              diagnostics: dict[str, list] | None = None) -> tuple[Tensor, dict[str, Any]]:
+        """forward without the output step and without blocks: the memory written with x [B, N, D], and its
+        reads [B, H, N, dh] before `finish`. For MAC, which writes segment by segment in a chain and finishes
+        the reads of all its segments in one call after it."""
+        c = self.config
         q, k, v, log_eta, log_keep, theta, tail = self.project(x, state)
         args = (state["weights"], state["momentum"], state["anchor"], state["offset"], c.chunk,
                 q, k, v, log_eta, log_keep, theta)
@@ -763,4 +774,4 @@ class NeuralMemory(nn.Module):
             y, weights, momentum, anchor = chunked_scan(*args, read_chunk=c.read_chunk, kernel=c.kernel, clip=c.clip)
         new_state = {"weights": weights, "momentum": momentum, "anchor": anchor,
                      "offset": (state["offset"] + x.shape[1]) % c.chunk, "conv": tail}
-        return self.finish(y, x), new_state
+        return y, new_state
