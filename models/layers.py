@@ -32,9 +32,14 @@ def rotary_tables(start: int, n: int, dh: int, base: float, dtype: torch.dtype,
 
 def rotary(x: Tensor, start: int, base: float = 10000.0) -> Tensor:
     """Rotate pairs of channels by position-dependent angles. x: [B, H, N, dh], positions start..start+N."""
-    n, dh = x.shape[-2], x.shape[-1]
+    return rotate(x, *rotary_tables(start, x.shape[-2], x.shape[-1], base, x.dtype, x.device))
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`rotary` with its tables given (cos, sin [N, dh // 2] from `rotary_tables`): x [B, H, N, dh]; an odd
+    last channel stays as it is."""
+    dh = x.shape[-1]
     half = dh // 2
-    cos, sin = rotary_tables(start, n, dh, base, x.dtype, x.device)
     x1, x2 = x[..., :half], x[..., half : 2 * half]
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return torch.cat([rotated, x[..., 2 * half :]], dim=-1) if dh % 2 else rotated

@@ -12,9 +12,9 @@ memory weights at the segment start, and the keys/values of the segment's tokens
 Segments chain only through the memory: segment s reads the weights that the writes of segments < s left.
 So the default path (`mac_path="hoisted"`) does everything that depends on the input alone once per call,
 for all segments together: the projections of x and their rotary positions, the persistent keys, the
-retrieval queries and the read's output gate, the masks, the rotary tables and the product of weights that
-takes a read to h's keys and values; and after the last segment, step 4 and the memory's own output step
-(norm, gate, projection of its reads: nothing in the chain consumes them). What is left per segment is the
+retrieval queries and the read's output gate, the masks, the rotary tables; and after the last segment,
+step 4 and the memory's own output step (norm, gate, projection of its reads: nothing in the chain consumes
+them). What is left per segment is the
 chain itself, each step batched over batch and heads and kept to few dispatches (at n = 16K a block runs
 256 steps, each of dozens of small kernels, so per-kernel overhead is most of MAC's time): the read at the
 segment-start weights and h's keys and values from it, the attention, the write (NeuralMemory.write: the
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import causal_mask, check_backend, masked_attention
-from models.layers import ResidualBlock, RMSNorm, rotary, rotary_tables
+from models.layers import ResidualBlock, RMSNorm, rotary, rotary_tables, rotate
 from models.neural_memory import NORM_EPS, NeuralMemory, l2_normalise
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
@@ -125,37 +125,30 @@ class MemoryAsContext(nn.Module):
         return self.gate(torch.cat(ys, dim=1), m), new_state
 
     def read_kv_weight(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """What turns a segment's retrieval into h's keys and values in one product: h = out(r) for the gated,
-        normed reads r, and its keys and values are linear in h, so r maps to them through the product of the two
-        weights, [3 D, D]: rows for h's keys, for their rotated halves (rotary's (-x2, x1), as a signed
-        permutation of the key rows), and for h's values. Rotary then costs a multiply-add with the tables cos,
-        sin [C, D] (positions 0..C-1 of a segment, repeated per head)."""
+        """h's key and value weights as one [2 D, D] matrix, and the rotary tables cos, sin [C, dh // 2] of a
+        segment's positions 0..C-1, built once per call. The read goes through the memory's output projection and
+        then this matrix: two products per segment, the FLOPs of the reference. (Folding the two weights into
+        one costs 2 D^3 per call: more work than the parts at the shortest training shapes, which the CI gate
+        on hybrids against their parts rejects.)"""
         c, d = self.c, self.c.d_model
-        dh, half = d // c.n_heads, d // c.n_heads // 2
-        w_k, w_v = self.qkv.weight[d : 2 * d], self.qkv.weight[2 * d :]
-        perm = torch.cat([torch.arange(half, 2 * half), torch.arange(half), torch.arange(2 * half, dh)])
-        sign = torch.cat([-torch.ones(half), torch.ones(half), torch.zeros(dh - 2 * half)]).to(device, dtype)
-        w_rotated = (w_k.view(c.n_heads, dh, d)[:, perm.to(device)] * sign[:, None]).reshape(d, d)
-        weight = torch.cat([w_k, w_rotated, w_v]).to(dtype) @ self.memory.out.weight.to(dtype)
-        cos, sin = rotary_tables(0, c.segment, dh, c.rope_base, dtype, device)  # [C, dh // 2]
-        odd = cos.new_ones(c.segment, dh - 2 * half)
-        cos, sin = torch.cat([cos, cos, odd], dim=-1), torch.cat([sin, sin, 0 * odd], dim=-1)  # [C, dh]
-        return weight, cos.repeat(1, c.n_heads), sin.repeat(1, c.n_heads)
+        cos, sin = rotary_tables(0, c.segment, d // c.n_heads, c.rope_base, dtype, device)
+        return self.qkv.weight[d:], cos, sin
 
     def read(self, weights: list[Tensor], queries: Tensor, gate: Tensor, read_kv: Tensor, cos: Tensor,
              sin: Tensor) -> tuple[Tensor, Tensor]:
         """Step 1 and h's keys and values: the memory read at the segment-start `weights` with the retrieval
         queries [B, H, c, dh], finished as NeuralMemory.finish does with the gate sigmoid(out_gate(x)) [B, c, D]
         computed beforehand (torch ops: at one segment's size they cost less than a call of the compiled norm),
-        through `read_kv_weight` and rotated from the segment start. Returns kh, vh [B, H, c, dh]."""
+        projected to h's keys and values by `read_kv` [2 D, D] and the keys rotated from the segment start with
+        the tables' rows cos, sin [c, dh // 2]. Returns kh, vh [B, H, c, dh]."""
         (b, heads, n, dh), d = queries.shape, self.c.d_model
         y = queries
         for layer, w in enumerate(weights):
             y = y @ w if layer == len(weights) - 1 else F.silu(y @ w)
         y = F.rms_norm(y, (dh,), self.memory.out_norm, eps=NORM_EPS)
-        kkv = F.linear(y.transpose(1, 2).reshape(b, n, d) * gate, read_kv)  # [B, c, 3 D]
-        kh = torch.addcmul(kkv[..., :d] * cos, kkv[..., d : 2 * d], sin)
-        return tuple(t.view(b, n, heads, dh).transpose(1, 2) for t in (kh, kkv[..., 2 * d :]))
+        h = self.memory.out(y.transpose(1, 2).reshape(b, n, d) * gate)  # [B, c, D]
+        kh, vh = (t.view(b, n, heads, dh).transpose(1, 2) for t in F.linear(h, read_kv).split(d, dim=-1))
+        return rotate(kh, cos, sin), vh
 
     # ------------------------------------------------------------------------------------------------------
     # the reference: the four steps of the module docstring, one segment at a time
