@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 from bench import accuracy, forecast  # noqa: E402
 from bench.scaling import fit_power  # noqa: E402
 
+OFF_SCALE = 1.5  # forecast look-back plot: references above this many times the worst model are named, not drawn
 SCALING_METRICS = {
     "time_forward_s": "forward time (s)",
     "time_train_s": "forward + backward time (s)",
@@ -217,7 +218,9 @@ def forecasts(frame: pd.DataFrame, out: Path) -> Path | None:
 
 def forecast_lookback(frame: pd.DataFrame, out: Path) -> list[Path]:
     """Test MSE against look-back, one line per forecaster (references dashed), one figure per dataset with a
-    panel per horizon; only where some forecaster ran at two look-backs or more."""
+    panel per horizon; only where some forecaster ran at two look-backs or more. A reference above `OFF_SCALE`
+    times the worst model (repeat-last: 3x the models on ETTh1) is named in the title instead of drawn, so the
+    models' differences stay readable."""
     scores = forecast.scores(frame)
     if scores.empty:
         return []
@@ -228,12 +231,20 @@ def forecast_lookback(frame: pd.DataFrame, out: Path) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, len(horizons), figsize=(5.5 * len(horizons), 4.2), squeeze=False)
         for ax, horizon in zip(axes[0], horizons, strict=True):
-            for (kind, name), g in d[d["horizon"] == horizon].groupby(["kind", "forecaster"]):
+            h = d[d["horizon"] == horizon]
+            ceiling = OFF_SCALE * h.loc[h["kind"] == "model", "mse"].max()
+            off = []
+            for (kind, name), g in h.groupby(["kind", "forecaster"]):
                 g = g.sort_values("lookback")
+                if kind != "model" and g["mse"].min() > ceiling:
+                    off.append(f"{name} {g['mse'].min():.2f}")
+                    continue
                 ax.plot(g["lookback"], g["mse"], "o-" if kind == "model" else "s--", ms=4, lw=1.1,
                         label=name if kind == "model" else f"({name})")
-            ax.set(xscale="log", xlabel="look-back (steps)", ylabel="test MSE", title=f"{dataset}, horizon {horizon}")
-            ax.set_xticks(sorted(d["lookback"].unique()), [str(v) for v in sorted(d["lookback"].unique())])
+            title = f"{dataset}, horizon {horizon}" + (f"\noff scale: {', '.join(off)}" if off else "")
+            ax.set(xscale="log", xlabel="look-back (steps)", ylabel="test MSE", title=title)
+            ax.set_xticks(sorted(h["lookback"].unique()), [str(v) for v in sorted(h["lookback"].unique())])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
         made.append(_save(fig, out / f"forecast_mse_vs_lookback_{dataset}.png"))

@@ -159,8 +159,9 @@ class TimeseriesTask(Task):
 
     @property
     def variant(self) -> str:
-        """Dataset and horizon: results at different horizons are never pooled (the look-back is the length n)."""
-        return f"{self.config.dataset}-h{self.config.horizon}"
+        """Dataset, look-back and horizon: results of different settings are never pooled, and one model at two
+        look-backs is two settings, not two recipes of one (the look-back is also the rows' length n)."""
+        return f"{self.config.dataset}-l{self.config.lookback}-h{self.config.horizon}"
 
     def build_network(self, backbone: nn.Module, d_model: int) -> ForecastNetwork:
         return ForecastNetwork(backbone, d_model, self.data.shape[1], self.config)

@@ -1,10 +1,13 @@
+import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 import models
 import tasks
+from bench import accuracy
 from tasks import forecasters
 from tasks.forecasters import LinearRecipe
 from tasks.timeseries import TEST_END, TRAIN_END, VAL_END, TimeseriesTask
@@ -78,3 +81,12 @@ def test_etth1_loads_verified_from_a_data_folder():
 def test_unknown_dataset_names_the_valid_ones():
     with pytest.raises(ValueError, match="synthetic, etth1, etth2"):
         tasks.build("timeseries", dataset="weather")
+
+
+def test_one_model_at_two_lookbacks_is_two_settings_not_two_recipes():
+    short, long = (tasks.build("timeseries", lookback=lb, horizon=24) for lb in (48, 96))
+    assert short.variant != long.variant and short.variant.startswith("synthetic-l48")
+    rows = pd.DataFrame([{"kind": "train", "task": "timeseries", "model": "lmm", "variant": task.variant,
+                          "config": json.dumps({"task_config": {"lookback": lb, "horizon": 24}})}
+                         for task, lb in ((short, 48), (long, 96))])
+    assert list(accuracy.label_recipes(rows)["model"]) == ["lmm", "lmm"]
