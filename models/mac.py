@@ -14,12 +14,11 @@ So the default path (`mac_path="hoisted"`) does everything that depends on the i
 for all segments together: the projections of x and their rotary positions, the persistent keys, the
 retrieval queries and the read's output gate, the masks, the rotary tables; and after the last segment,
 step 4 and the memory's own output step (norm, gate, projection of its reads: nothing in the chain consumes
-them). What is left per segment is the
-chain itself, each step batched over batch and heads and kept to few dispatches (at n = 16K a block runs
-256 steps, each of dozens of small kernels, so per-kernel overhead is most of MAC's time): the read at the
-segment-start weights and h's keys and values from it, the attention, the write (NeuralMemory.write: the
-projections and the compiled scan). The `mac_path="segment_loop"` reference runs the four steps segment by
-segment as written above; the tests hold the two equal."""
+them). What is left per segment is the chain itself, each step batched over batch and heads and kept to few
+dispatches (at n = 16K a block runs 256 steps, each of dozens of small kernels, so per-kernel overhead is most
+of MAC's time): the read at the segment-start weights and h's keys and values from it, the attention, the
+write (NeuralMemory.write: the projections and the compiled scan). The `mac_path="segment_loop"` reference
+runs the four steps segment by segment as written above; the tests hold the two equal."""
 
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from models.attention import causal_mask, check_backend, masked_attention
 from models.layers import ResidualBlock, RMSNorm, rotary, rotary_tables, rotate
-from models.neural_memory import NORM_EPS, NeuralMemory, l2_normalise
+from models.neural_memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_output
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 
@@ -141,13 +140,10 @@ class MemoryAsContext(nn.Module):
         computed beforehand (torch ops: at one segment's size they cost less than a call of the compiled norm),
         projected to h's keys and values by `read_kv` [2 D, D] and the keys rotated from the segment start with
         the tables' rows cos, sin [c, dh // 2]. Returns kh, vh [B, H, c, dh]."""
-        (b, heads, n, dh), d = queries.shape, self.c.d_model
-        y = queries
-        for layer, w in enumerate(weights):
-            y = y @ w if layer == len(weights) - 1 else F.silu(y @ w)
-        y = F.rms_norm(y, (dh,), self.memory.out_norm, eps=NORM_EPS)
-        h = self.memory.out(y.transpose(1, 2).reshape(b, n, d) * gate)  # [B, c, D]
-        kh, vh = (t.view(b, n, heads, dh).transpose(1, 2) for t in F.linear(h, read_kv).split(d, dim=-1))
+        b, heads, n, dh = queries.shape
+        y = F.rms_norm(mlp_output(weights, queries), (dh,), self.memory.out_norm, eps=NORM_EPS)
+        h = self.memory.out(y.transpose(1, 2).reshape(b, n, heads * dh) * gate)  # [B, c, D]
+        kh, vh = self.heads(F.linear(h, read_kv))
         return rotate(kh, cos, sin), vh
 
     # ------------------------------------------------------------------------------------------------------

@@ -109,6 +109,14 @@ def mlp_forward(weights: list[Tensor], x: Tensor) -> tuple[list[Tensor], list[Te
     return hs, slopes
 
 
+def mlp_output(weights: list[Tensor], x: Tensor) -> Tensor:
+    """The memory's output M(x) alone, as `mlp_forward`'s last h_L but without its inputs and slopes (MAC's read
+    in its segment chain, where each saved op counts)."""
+    for layer, w in enumerate(weights):
+        x = x @ w if layer == len(weights) - 1 else F.silu(x @ w)
+    return x
+
+
 def mlp_backprop(weights: list[Tensor], slopes: list[Tensor], d_out: Tensor) -> list[Tensor]:
     """Back-propagates d_out = dl/d(output) per token: d_l = dl/dz_l. Layer l's weight gradient is h_l^T d_l."""
     ds = [d_out]
