@@ -69,11 +69,11 @@ def failed_rows(cell: Cell, err: Exception, device: str, threads: int) -> list[d
     worker ran out of host memory, as a CPU allocation failure inside the cell is `oom`), else `error`."""
     import ray
 
+    from bench.runner import identified, status_row
+
     status = "oom" if isinstance(err, ray.exceptions.OutOfMemoryError) else "error"
-    return [{"kind": cell.kind, "model": cell.model, "task": cell.task, "seed": cell.seed,
-             "n": cell.run_config.get("n"), "metric": "status", "value": float("nan"), "status": status,
-             "device": device, "threads": threads, "config": cell.as_dict(),
-             "error": f"failed on Ray after {MAX_RETRIES} retries: {type(err).__name__}"}]
+    row = status_row(cell, status, f"failed on Ray after {MAX_RETRIES} retries: {type(err).__name__}")
+    return identified(cell, [row], device, threads, wall_s=float("nan"))
 
 
 def run_on_ray(queues: dict[str, deque], skipped: Callable[[Cell], list | None],

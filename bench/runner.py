@@ -93,13 +93,21 @@ def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> li
     try:
         rows = RUNNERS[cell.kind](cell, device, progress)
     except Exception as err:  # a failing cell must not end the sweep
-        status = "oom" if is_oom(err) else "error"
-        detail = traceback.format_exception_only(err)[-1].strip()
-        rows = [{"n": cell.run_config.get("n"), "metric": "status", "value": float("nan"), "status": status,
-                 "error": detail}]  # n: a profile point that failed says where
+        rows = [status_row(cell, "oom" if is_oom(err) else "error", traceback.format_exception_only(err)[-1].strip())]
+    return identified(cell, rows, device, threads, time.perf_counter() - start)
+
+
+def status_row(cell: Cell, status: str, detail: str) -> dict[str, Any]:
+    """The one row of a cell that failed (here or on a Ray worker); n: a profile point that failed says where."""
+    return {"n": cell.run_config.get("n"), "metric": "status", "value": float("nan"), "status": status,
+            "error": detail}
+
+
+def identified(cell: Cell, rows: list[dict[str, Any]], device: str, threads: int,
+               wall_s: float) -> list[dict[str, Any]]:
+    """Rows with the cell's identity columns filled in."""
     identity = {"kind": cell.kind, "model": cell.model, "task": cell.task, "seed": cell.seed,
-                "device": device, "threads": threads, "wall_s": time.perf_counter() - start,
-                "config": cell.as_dict()}
+                "device": device, "threads": threads, "wall_s": wall_s, "config": cell.as_dict()}
     return [{**identity, **row} for row in rows]
 
 
