@@ -452,7 +452,7 @@ if fault == "out_of_memory":
 if fault == "crashes":
     raise ValueError("the probe broke")
 print("noise before the result")
-print(json.dumps({"fault": fault}))
+print(json.dumps({"fault": fault, "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}))
 """
 
 
@@ -471,13 +471,13 @@ def test_a_fresh_process_probe_that_fails_says_how(tmp_path, monkeypatch, fault,
         assert str(failed.value) == "ValueError: the probe broke"  # the probe's last stderr line
 
 
-def test_a_fresh_process_probe_that_succeeds_returns_its_last_line(tmp_path, monkeypatch):
+def test_a_fresh_process_probe_returns_its_last_line_and_runs_with_the_allocator_pinned(tmp_path, monkeypatch):
     from bench.measuring import isolated
 
     (tmp_path / "faulty_probe.py").write_text(FAULTY_PROBE)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setattr(isolated, "PROBE", "faulty_probe")
-    assert isolated.run_isolated({"fault": "none"}, timeout_s=30) == {"fault": "none"}
+    assert isolated.run_isolated({"fault": "none"}, timeout_s=30) == {"fault": "none", "mmap_threshold": "131072"}
 
 
 def test_a_stream_cell_whose_process_is_killed_is_an_oom_row(monkeypatch):
