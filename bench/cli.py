@@ -24,12 +24,13 @@ import torch
 
 import models
 import tasks
-from bench import claims, compare, env, forecast, report, suite
-from bench.cells import Cell
-from bench.profile import METRICS, MODES
-from bench.ray_executor import RayUnreachable, connect
-from bench.runner import run_cells
-from bench.store import RunStore, StoreError, read_frame
+from bench.analysing import claims, compare, forecast, report
+from bench.measuring.profile import METRICS, MODES
+from bench.running import env, suite
+from bench.running.cells import Cell
+from bench.running.ray_executor import RayUnreachable, connect
+from bench.running.runner import run_cells
+from bench.running.store import RunStore, StoreError, read_frame
 from models.config import ConfigError
 from tasks.data import DataError
 

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench import accuracy, claims
-from bench.store import COLUMNS
+from bench.analysing import accuracy, claims
+from bench.running.store import COLUMNS
 
 
 def row(model, n, value, samples=100, seed=0, task="copy", metric="exact_match", **more):

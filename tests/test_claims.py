@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 import models
-from bench import claims
-from bench.evidence import CONTRADICTED, INCONCLUSIVE, NOT_MEASURED, SUPPORTED, VERDICTS
-from bench.store import COLUMNS
+from bench.analysing import claims
+from bench.analysing.evidence import CONTRADICTED, INCONCLUSIVE, NOT_MEASURED, SUPPORTED, VERDICTS
+from bench.running.store import COLUMNS
 from models import lmm, titans
 from models.registry import ModelSpec
 

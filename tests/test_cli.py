@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import suite
 from bench.cli import main, parse_assignments, parse_lengths, resume_command
+from bench.running import suite
 
 
 def run_cli(*args):

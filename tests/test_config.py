@@ -10,8 +10,8 @@ import pytest
 
 import models
 import tasks
-from bench.profile import ProfileConfig
-from bench.train import TrainConfig
+from bench.measuring.profile import ProfileConfig
+from bench.measuring.train import TrainConfig
 from models.config import ConfigError, make_config
 
 CONFIGS = ([(f"model '{name}'", spec.config_cls) for name, spec in models.MODELS.items()]

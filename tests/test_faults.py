@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.store import read_frame
+from bench.running.store import read_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -104,7 +104,7 @@ def assert_whole(run: Path, cells: int) -> pd.DataFrame:
 
 def case_two_writers(tmp: Path) -> Outcome:
     suite, run = finished_run(tmp)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from bench.store import RunStore; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from bench.running.store import RunStore; "
                                f"s = RunStore({str(run)!r}); print('locked', flush=True); sys.stdin.read()"],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -379,21 +379,21 @@ def test_an_unreachable_ray_cluster_is_a_clear_error_and_leaves_no_folder(tmp_pa
                                  MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")],
                          ids=["cuda", "python", "cpu-allocator"])
 def test_cuda_and_cpu_allocation_failures_are_both_oom(monkeypatch, err):
-    from bench import runner
-    from bench.cells import Cell
+    from bench.running import execute
+    from bench.running.cells import Cell
 
     def fail(cell, device, progress):
         raise err
 
-    monkeypatch.setitem(runner.RUNNERS, "profile", fail)
-    [row] = runner.run_cell(Cell(kind="profile", model="swa", run_config={"n": 64, "metric": "memory"}), "cpu", 1)
+    monkeypatch.setitem(execute.RUNNERS, "profile", fail)
+    [row] = execute.run_cell(Cell(kind="profile", model="swa", run_config={"n": 64, "metric": "memory"}), "cpu", 1)
     assert row["status"] == "oom" and row["n"] == 64
 
 
 def test_a_cell_killed_by_rays_memory_monitor_is_oom():
     ray = pytest.importorskip("ray")
-    from bench.cells import Cell
-    from bench.ray_executor import failed_rows
+    from bench.running.cells import Cell
+    from bench.running.ray_executor import failed_rows
 
     cell = Cell(kind="profile", model="swa", run_config={"n": 512, "metric": "memory"})
     [oom] = failed_rows(cell, ray.exceptions.OutOfMemoryError("killed by the memory monitor"), "cpu", 1)
@@ -438,3 +438,58 @@ if __name__ == "__main__":  # the table: python -m tests.test_faults
             result = case(Path(tmp))
             print(f"| {name} | {result.code} | {result.before} | {result.after} |", flush=True)
     os.chdir(ROOT)
+
+
+FAULTY_PROBE = """
+import json, os, signal, sys, time
+fault = json.loads(sys.argv[1])["fault"]
+if fault == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+if fault == "hangs":
+    time.sleep(30)
+if fault == "out_of_memory":
+    raise RuntimeError("DefaultCPUAllocator: out of memory: you tried to allocate 9 GB")
+if fault == "crashes":
+    raise ValueError("the probe broke")
+print("noise before the result")
+print(json.dumps({"fault": fault, "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}))
+"""
+
+
+@pytest.mark.parametrize(("fault", "status"), [("killed", "oom"), ("hangs", "timeout"), ("out_of_memory", "oom"),
+                                               ("crashes", "error")])
+def test_a_fresh_process_probe_that_fails_says_how(tmp_path, monkeypatch, fault, status):
+    from bench.measuring import isolated
+
+    (tmp_path / "faulty_probe.py").write_text(FAULTY_PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(isolated, "PROBE", "faulty_probe")
+    with pytest.raises(isolated.ProbeFailed) as failed:
+        isolated.run_isolated({"fault": fault}, timeout_s=3)
+    assert failed.value.status == status
+    if fault == "crashes":
+        assert str(failed.value) == "ValueError: the probe broke"  # the probe's last stderr line
+
+
+def test_a_fresh_process_probe_returns_its_last_line_and_runs_with_the_allocator_pinned(tmp_path, monkeypatch):
+    from bench.measuring import isolated
+
+    (tmp_path / "faulty_probe.py").write_text(FAULTY_PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(isolated, "PROBE", "faulty_probe")
+    assert isolated.run_isolated({"fault": "none"}, timeout_s=30) == {"fault": "none", "mmap_threshold": "131072"}
+
+
+def test_a_stream_cell_whose_process_is_killed_is_an_oom_row(monkeypatch):
+    from bench.running import execute
+    from bench.running.cells import Cell
+
+    def killed(*args, **kwargs):
+        from bench.measuring.isolated import ProbeFailed
+        raise ProbeFailed("oom", "exit -9")
+
+    monkeypatch.setattr(execute, "measure_stream", killed)
+    cell = Cell(kind="stream", model="lmm", run_config={"total": 64, "piece": 32, "checkpoints": [64],
+                                                        "budget_s": 10})
+    [row] = execute.run_cell(cell, "cpu", 1)
+    assert row["status"] == "oom" and row["error"] == "exit -9" and row["model"] == "lmm"

@@ -1,6 +1,6 @@
 """The hybrid speed script on tiny shapes (its targets are judged on a quiet machine, never in unit tests)."""
 
-from bench.hybrid_speed import long_lines, main, parts_lines, parts_ratio
+from bench.measuring.hybrid_speed import long_lines, main, parts_lines, parts_ratio
 
 
 def test_script_prints_every_ratio_the_issue_asks_for(capsys):

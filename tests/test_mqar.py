@@ -8,7 +8,7 @@ import torch
 
 import models
 import tasks
-from bench.train import TrainConfig, train
+from bench.measuring.train import TrainConfig, train
 from tasks.base import IGNORE, generator
 from tasks.mqar import BOS, FILL, FIRST_SYMBOL, distance_bin
 

@@ -3,7 +3,8 @@ import pytest
 
 import models
 from bench.cli import main
-from bench.profile import ProfileConfig, count_flops, profile_point, stream
+from bench.measuring.profile import ProfileConfig, count_flops, profile_point
+from bench.measuring.streaming import stream
 
 
 def test_both_attention_backends_report_equal_flops():

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import suite
-from bench.runner import run_cells
-from bench.store import RunStore
+from bench.running import suite
+from bench.running.runner import run_cells
+from bench.running.store import RunStore
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from bench import compare, report
-from bench.store import RunStore
+from bench.analysing import compare, report
+from bench.running.store import RunStore
 
 
 def synthetic_run(path, slowdown=1.0):

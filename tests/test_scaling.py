@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.claims import ledger
-from bench.scaling import best_class, crossover, fit_power, fit_ratio, fit_samples
+from bench.analysing.claims import ledger
+from bench.analysing.scaling import best_class, crossover, fit_power, fit_ratio, fit_samples
 
 NS = np.array([256, 512, 1024, 2048, 4096, 8192, 16384], dtype=float)
 

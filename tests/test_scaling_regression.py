@@ -3,7 +3,7 @@ forward-time exponents, the time ratio to the Transformer at one n, and the numb
 token (deterministic: a per-token Python loop dispatches ~100, the chunked forms at most 16): exponents,
 ratios and counts from the same run, never absolute times. Each hybrid (MAC, MAG, MAL) is also held to the sum of
 its parts (a Transformer step plus an LMM step) at short training shapes, in training FLOPs and in training time
-measured interleaved in one run (bench/hybrid_speed.py, where the issue's tighter targets are judged). Three
+measured interleaved in one run (bench/measuring/hybrid_speed.py, where the issue's tighter targets are judged). Three
 self-tests prove it bites: a masked n x n window attention, a token-loop memory and a window attention padded to
 whole blocks at short n must each fail it. pytest-benchmark records each model's forward at n = 2048 and each
 hybrid's training step at the shortest parts shape (`make test` writes the JSON under results/ci-scaling/)."""
@@ -13,9 +13,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
-from bench.hybrid_speed import HYBRIDS, PARTS, best_times, parts_ratio
-from bench.profile import ProfileConfig, count_flops, make_input, measure_time, step
-from bench.scaling import fit_power
+from bench.analysing.scaling import fit_power
+from bench.measuring.hybrid_speed import HYBRIDS, PARTS, best_times, parts_ratio
+from bench.measuring.profile import ProfileConfig, count_flops, make_input, measure_time, step
 from models import attention
 
 FLOP_LENGTHS = (512, 1024, 2048, 4096)
@@ -27,7 +27,7 @@ CFG = ProfileConfig(repeats=3, warmup=1)
 PARTS_LENGTHS = (32, 128)  # training shapes where accuracy tasks train; window 64, so one within it, one past it
 PARTS_BATCH = 32
 MAX_PARTS_FLOP_RATIO = 1.0  # a hybrid does no more work than its two parts (MAG 0.87 at n = 32; padded window 1.06)
-MAX_PARTS_TIME_RATIO = 1.5  # bench/hybrid_speed.py's target is 1.3; the gate leaves room for a shared runner's noise
+MAX_PARTS_TIME_RATIO = 1.5  # hybrid_speed.py's target is 1.3; the gate leaves room for a shared runner's noise
 
 pytestmark = pytest.mark.slow
 

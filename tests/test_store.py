@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from bench.store import COLUMNS, DROPPED, LOCK, RunStore, StoreError, StoreLocked, read_frame
+from bench.running.store import COLUMNS, DROPPED, LOCK, RunStore, StoreError, StoreLocked, read_frame
 
 
 def rows(k, tag="x"):

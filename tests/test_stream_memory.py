@@ -6,9 +6,9 @@ import math
 import torch
 
 import models
-from bench import memprobe
-from bench.dynamics import run_dynamics
-from bench.profile import state_bytes, stream
+from bench.measuring import memprobe
+from bench.measuring.dynamics import run_dynamics
+from bench.measuring.streaming import state_bytes, stream
 
 CHECKPOINTS = [32, 64, 96]
 

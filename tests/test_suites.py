@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 
 import models
-from bench import suite
+from bench.running import suite
 
 
 @pytest.mark.parametrize("name", suite.available())

@@ -7,7 +7,7 @@ import torch
 
 import models
 import tasks
-from bench import accuracy
+from bench.analysing import accuracy
 from tasks import forecasters
 from tasks.forecasters import LinearRecipe
 from tasks.timeseries import TEST_END, TRAIN_END, VAL_END, TimeseriesTask
@@ -42,7 +42,7 @@ def test_reference_forecasts_are_exact_on_their_own_kind_of_series():
 def test_training_then_evaluation_reports_model_and_references(monkeypatch):
     """Every forecaster is scored on the same windows: the model, the two learned linear references (one quick
     epoch here) and the two naive ones; each forecaster's example forecast is kept for the plot."""
-    from bench.train import TrainConfig, train
+    from bench.measuring.train import TrainConfig, train
     quick = LinearRecipe(lr=1e-3, batch_size=256, epochs=1)
     for name, (cls, _) in list(forecasters.REFERENCES.items()):
         monkeypatch.setitem(forecasters.REFERENCES, name, (cls, quick))

@@ -5,7 +5,7 @@ import torch
 
 import models
 import tasks
-from bench.train import EXPLOSION_AFTER, ExplosionWatch, TrainConfig, lr_at, train
+from bench.measuring.train import EXPLOSION_AFTER, ExplosionWatch, TrainConfig, lr_at, train
 from models.config import ConfigError
 
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import models
 import tasks
-from bench.cells import Cell
-from bench.profile import METRICS, MODES, ProfileConfig
-from bench.train import TrainConfig
+from bench.measuring.profile import METRICS, MODES, ProfileConfig
+from bench.measuring.train import TrainConfig
+from bench.running.cells import Cell
 from models.config import ConfigError, Rule, above, at_least, check, each, make_config, one_of
 from models.neural_memory import RULES, MemoryConfig
 
-SUITES_DIR = Path(__file__).parent / "suites"
+SUITES_DIR = Path(__file__).parent.parent / "suites"
 SECTIONS = ("train", "profile", "stream", "dynamics")
 STREAMS = ("stationary", "shift")
 SEED = Rule(lambda s: 0 <= s < 2**63, "in [0, 2^63)")
@@ -97,7 +97,7 @@ class DynamicsEntry:
     window: int = 64
     seeds: tuple[int, ...] = (0,)
     memory: dict[str, Any] = field(default_factory=dict)  # MemoryConfig options besides `rule`
-    train_steps: int = 0  # > 0: the layer's outer parameters are trained first (bench/dynamics.py)
+    train_steps: int = 0  # > 0: the layer's outer parameters are trained first (bench/measuring/dynamics.py)
 
     def __post_init__(self):
         check(self, streams=each(one_of(*STREAMS)), rules=each(one_of(*RULES)), n=at_least(1),

@@ -2,11 +2,11 @@
 (supported / contradicted / inconclusive / not measured, or `reported` for C11), the numbers that decided it,
 and the cells (ids) whose rows were read. Thresholds are stated in each rule so a reader can disagree with them.
 
-How the rules decide (bench/evidence.py has the shared parts):
+How the rules decide (bench/analysing/evidence.py has the shared parts):
 - Models come from the registry: the Transformer side is family `attention` (and, for time claims, a declared
   time of n^2 under the run's config); the Titans side is families `memory` and `hybrid`.
-- An exponent is judged by its bootstrap interval (bench/scaling.py) against a band of exponents: inside the band
-  supports, wholly outside contradicts, across an edge is inconclusive.
+- An exponent is judged by its bootstrap interval (bench/analysing/scaling.py) against a band of exponents:
+  inside the band supports, wholly outside contradicts, across an edge is inconclusive.
 - A claim about several models or measurements needs each of them (`evidence.combine`): one contradicted part
   contradicts, one part not measured keeps it from being supported. Rows that failed are never numbers: a part
   whose rows all failed is "not measured", with the statuses as the reason.
@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 import models
-from bench import accuracy
-from bench.evidence import (
+from bench.analysing import accuracy
+from bench.analysing.evidence import (
     CONTRADICTED,
     INCONCLUSIVE,
     NOT_MEASURED,
@@ -45,8 +45,8 @@ from bench.evidence import (
     series,
     trend,
 )
-from bench.scaling import best_class, crossover, fit_ratio
-from bench.store import COLUMNS
+from bench.analysing.scaling import best_class, crossover, fit_ratio
+from bench.running.store import COLUMNS
 
 TIME_METRICS = ("time_forward_s", "time_train_s")
 QUADRATIC = (1.7, 2.3)  # a measured exponent in this band is n^2 at the lengths measured

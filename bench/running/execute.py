@@ -1,29 +1,25 @@
-"""Runs cells and writes their rows to the store. A failing cell becomes a status row (`diverged`, `oom`,
-`error`), never a crashed sweep: `oom` for any allocation failure (torch's CUDA OutOfMemoryError, Python's
-MemoryError, the CPU allocator's "can't allocate memory"), `error` for the rest, with the message in `extra`.
-Ctrl-C (KeyboardInterrupt) is not a cell failure: it ends the sweep, and every finished cell is stored."""
+"""Runs one cell where it stands (this process, or a Ray worker): its kind's measurement, and its rows with the
+cell's identity filled in. A failing cell becomes a status row (`diverged`, `oom`, `timeout`, `error`), never a
+crashed sweep: `oom` for any allocation failure (torch's CUDA OutOfMemoryError, Python's MemoryError, the CPU
+allocator's "can't allocate memory", a fresh process the kernel killed), `error` for the rest, with the message
+in `error`. Ctrl-C (KeyboardInterrupt) is not a cell failure: it propagates."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 import traceback
-from collections import deque
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 import models
 import tasks
-from bench.cells import Cell
-from bench.dynamics import run_dynamics
-from bench.profile import ProfileConfig, profile_point
-from bench.ray_executor import run_on_ray
-from bench.store import RunStore
-from bench.train import TrainConfig, train
+from bench.measuring.dynamics import run_dynamics
+from bench.measuring.isolated import ProbeFailed
+from bench.measuring.profile import ProfileConfig, profile_point
+from bench.measuring.streaming import measure_stream
+from bench.measuring.train import TrainConfig, train
+from bench.running.cells import Cell
 from models.registry import make_config
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -68,13 +64,9 @@ def run_profile_cell(cell: Cell, device: str, progress: bool = True) -> list[dic
 
 
 def run_stream_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
-    request = {"model": cell.model, "config": cell.model_config, "mode": "stream", "device": device,
-               "threads": torch.get_num_threads(), **cell.run_config}
-    out = subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(request)], capture_output=True,
-                         text=True, timeout=cell.run_config["budget_s"] * 2 + 120)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+    r = cell.run_config
+    return measure_stream(cell.model, cell.model_config, r["total"], r["piece"], r["checkpoints"], r["budget_s"],
+                          device, torch.get_num_threads())
 
 
 def run_dynamics_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
@@ -92,6 +84,8 @@ def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> li
     start = time.perf_counter()
     try:
         rows = RUNNERS[cell.kind](cell, device, progress)
+    except ProbeFailed as failed:  # its fresh process said how it ended
+        rows = [status_row(cell, failed.status, str(failed))]
     except Exception as err:  # a failing cell must not end the sweep
         rows = [status_row(cell, "oom" if is_oom(err) else "error", traceback.format_exception_only(err)[-1].strip())]
     return identified(cell, rows, device, threads, time.perf_counter() - start)
@@ -109,45 +103,3 @@ def identified(cell: Cell, rows: list[dict[str, Any]], device: str, threads: int
     identity = {"kind": cell.kind, "model": cell.model, "task": cell.task, "seed": cell.seed,
                 "device": device, "threads": threads, "wall_s": wall_s, "config": cell.as_dict()}
     return [{**identity, **row} for row in rows]
-
-
-def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, progress: bool = True,
-              executor: str = "local", address: str | None = None) -> int:
-    """Run the cells the store does not hold yet, each once, locally (one after another) or on Ray; returns how
-    many ran. Cells of one profile series run in order of n: once a point runs out of memory or time, larger n
-    of the same series are recorded as `skipped` without running."""
-    done = store.done_cells()
-    todo = list({c.id: c for c in cells if c.id not in done}.values())
-    queues: dict[str, deque] = {}
-    for cell in todo:
-        queues.setdefault(cell.series or cell.id, deque()).append(cell)
-    failed_at: dict[str, int] = {}
-    bar = tqdm(total=len(todo), desc="cells", disable=not progress, dynamic_ncols=True)
-
-    def skipped(cell: Cell) -> list[dict[str, Any]] | None:
-        n = cell.run_config.get("n")
-        if cell.series in failed_at and n > failed_at[cell.series]:
-            return [{"kind": cell.kind, "model": cell.model, "n": n, "metric": cell.run_config.get("metric", ""),
-                     "value": float("nan"), "status": "skipped", "config": cell.as_dict(),
-                     "reason": f"a smaller n ({failed_at[cell.series]}) exceeded its budget"}]
-        return None
-
-    def settle(cell: Cell, rows: list[dict[str, Any]]) -> None:
-        if cell.series and any(r.get("status") in ("oom", "timeout", "skipped") for r in rows):
-            n = cell.run_config["n"]
-            failed_at[cell.series] = min(failed_at.get(cell.series, n), n)
-        store.append(cell.id, rows)
-        bar.update(1)
-
-    try:
-        if executor == "ray":
-            run_on_ray(queues, skipped, settle, device, threads, address)
-        else:
-            for queue in queues.values():
-                while queue:
-                    cell = queue.popleft()
-                    bar.set_description(cell.label)
-                    settle(cell, skipped(cell) or run_cell(cell, device, threads, progress))
-    finally:
-        bar.close()
-    return len(todo)

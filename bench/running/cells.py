@@ -11,7 +11,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Cell:
-    kind: str  # "train", "profile", "stream" or "dynamics" (see RUNNERS in bench/runner.py)
+    kind: str  # "train", "profile", "stream" or "dynamics" (see RUNNERS in bench/running/execute.py)
     model: str
     task: str = ""
     seed: int = 0

@@ -13,7 +13,7 @@ interleaved, repeat after repeat, so that all of them see the same phases of a s
 of `--repeats` runs after a warm-up counts, as in bench/memory_speed.py: ratios from one run, never absolute
 times across runs. tests/test_scaling_regression.py gates the same parts ratio at one short shape.
 
-    python -m bench.hybrid_speed --threads 2
+    python -m bench.measuring.hybrid_speed --threads 2
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 import torch
 
 import models
-from bench.profile import make_input, step
+from bench.measuring.profile import make_input, step
 
 HYBRIDS = ("mac", "mag", "mal")
 PARTS = ("transformer", "lmm")
@@ -35,7 +35,7 @@ PARTS_JUDGED = ("mag", "mal")
 
 def best_times(names: tuple[str, ...], batch: int, n: int, modes: tuple[str, ...],
                repeats: int) -> dict[tuple[str, str], float]:
-    """Seconds of the fastest of `repeats` steps (bench.profile.step: `forward` or `train`) per (model, mode),
+    """Seconds of the fastest of `repeats` steps (bench.measuring.profile.step: `forward` or `train`) per (model, mode),
     after a warm-up round; models interleaved within each round."""
     torch.manual_seed(0)
     built = {name: models.build(name) for name in names}
@@ -76,7 +76,7 @@ def parts_lines(times: dict[tuple[str, str], float], batch: int, n: int) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.hybrid_speed", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.measuring.hybrid_speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--long-n", type=int, default=16384, help="MAC against MAG at this n, batch 1")
     p.add_argument("--short-lengths", default="32,128,512", help="training shapes: hybrids against their parts")

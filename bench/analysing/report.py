@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 import models
-from bench import accuracy, claims, evidence, forecast, plots
-from bench.scaling import best_class, crossover
-from bench.store import read_frame
+from bench.analysing import accuracy, claims, evidence, forecast, plots
+from bench.analysing.scaling import best_class, crossover
+from bench.running.store import read_frame
 
 
 def table(frame: pd.DataFrame, floatfmt: str = "{:.3g}") -> str:
@@ -130,7 +130,7 @@ def scaling_section(frame: pd.DataFrame) -> str:
         return ""
     return ("## Scaling\n\nLog-log least squares over the upper half of the measured lengths (medians of the "
             "repeats), with the analytic interval and the bootstrap one the claims use (resampling the repeats, or "
-            "the points where a length has one measurement: bench/scaling.py); best class among 1, log n, n, "
+            "the points where a length has one measurement: bench/analysing/scaling.py); best class among 1, log n, n, "
             "n log n, n² by relative error over all lengths. FLOPs count attention as the full n×n product (the "
             "counter ignores causal masking, for both backends).\n\n" + table(pd.DataFrame(rows))
             + "\n\n" + crossover_section(frame))
@@ -175,8 +175,8 @@ def streaming_section(frame: pd.DataFrame) -> str:
                    zip(stopped["model"], stopped["n"], stopped["status"], strict=True))
     return ("## Streaming\n\nBatch 1, inference mode, pieces with the state carried. At each checkpoint: the bytes "
             "the state's tensors own, the allocator's bytes in use and held free, the resident set, and the peak "
-            "so far, all above the process baseline after the model was built (bench/memprobe.py). A peak that "
-            "grows while the state stays flat is the allocator or the libraries, not the memory.\n\n"
+            "so far, all above the process baseline after the model was built (bench/measuring/memprobe.py). A peak "
+            "that grows while the state stays flat is the allocator or the libraries, not the memory.\n\n"
             + table(wide[cols].rename(columns=STREAM_COLUMNS)) + note)
 
 
@@ -186,7 +186,7 @@ def claims_section(frame: pd.DataFrame) -> str:
                           "cells": len(v.cells)} for v in verdicts])
     cells = "\n".join(f"- {v.id} ({v.claim}): {', '.join(v.cells)}" for v in verdicts if v.cells)
     return ("## Claims ledger\n\nEach verdict is computed from this run's rows by the rule stated in its evidence "
-            "(bench/claims.py); the cells behind each are listed below the table.\n\n" + table(rows)
+            "(bench/analysing/claims.py); the cells behind each are listed below the table.\n\n" + table(rows)
             + ("\n\nCells read per claim:\n\n" + cells if cells else ""))
 
 

@@ -1,9 +1,9 @@
-"""Time, memory and FLOP profiles of a model against sequence length n, and the streaming profile.
+"""Time, memory and FLOP profiles of a model against sequence length n (the streaming profile: streaming.py).
 
 - time: forward in inference mode, and forward + backward; warm-up excluded, median of repeats with the
   quartiles as spread, and every repeat kept (`samples`: the exponent's bootstrap resamples them); CUDA
   synchronised on GPU.
-- memory: peak memory of one step, each point in a fresh subprocess (`bench.memprobe`). CPU: peak RSS above
+- memory: peak memory of one step, each point in a fresh process (`bench.measuring.isolated`). CPU: peak RSS above
   a baseline taken after the model and input are built (the kernel's high-water mark is reset first);
   GPU: max_memory_allocated above the allocated baseline after a reset.
 - flops: torch's FlopCounterMode. Convention: attention counted as the full n x n product (the counter
@@ -14,12 +14,8 @@
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +23,7 @@ import torch
 from torch.utils import flop_counter
 
 import models
+from bench.measuring.isolated import ProbeFailed, run_isolated
 from models.attention import AttentionMixer
 from models.config import above, at_least, check
 
@@ -126,20 +123,14 @@ def count_flops(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, d
 
 def measure_memory(model_name: str, model_config: dict[str, Any], n: int, mode: str, cfg: ProfileConfig,
                    device: str, threads: int) -> list[dict[str, Any]]:
-    """Peak memory of one step in a fresh subprocess."""
+    """Peak memory of one step in a fresh process (bench.measuring.isolated)."""
     request = {"model": model_name, "config": model_config, "n": n, "mode": mode, "batch": cfg.batch,
                "device": device, "threads": threads}
     metric = f"memory_{mode}_bytes"
     try:
-        out = subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(request)], capture_output=True,
-                             text=True, timeout=cfg.time_budget_s * 3 + 60)
-    except subprocess.TimeoutExpired:
-        return [{"metric": metric, "value": float("nan"), "status": "timeout"}]
-    if out.returncode != 0:
-        oom = out.returncode in (-9, 137) or "out of memory" in out.stderr.lower()
-        return [{"metric": metric, "value": float("nan"), "status": "oom" if oom else "error",
-                 "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+        result = run_isolated(request, timeout_s=cfg.time_budget_s * 3 + 60)
+    except ProbeFailed as failed:
+        return [{"metric": metric, "value": float("nan"), "status": failed.status, "error": str(failed)}]
     status = "oom" if result["peak_bytes"] > cfg.memory_budget_mb * 2**20 else "ok"
     return [{"metric": metric, "value": float(result["peak_bytes"]), "status": status,
              "baseline_bytes": result["baseline_bytes"], "probe": result["probe"]}]
@@ -168,54 +159,3 @@ def profile_point(model_name: str, model_config: dict[str, Any], n: int, metric:
             rows += measure_memory(model_name, model_config, n, mode, cfg, device, threads)
     sizes = {"params": model.num_params(), "state_numel": model.state_numel(n)}
     return [{**row, **sizes, "n": n} for row in rows]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# streaming
-
-
-def state_bytes(state: Any) -> int:
-    """Bytes of the distinct tensor storages a (nested dict / list / tuple) state owns."""
-    seen: dict[int, int] = {}
-
-    def walk(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            storage = x.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list | tuple):
-            for v in x:
-                walk(v)
-    walk(state)
-    return sum(seen.values())
-
-
-def stream(model: torch.nn.Module, total: int, piece: int, checkpoints: list[int], device: str,
-           budget_s: float, memory_snapshot: Callable[[], dict[str, int]]) -> list[dict[str, Any]]:
-    """Feed `total` tokens in pieces with the state carried (batch 1, inference mode). At each checkpoint
-    record elapsed time, tokens/s, the bytes the state owns, and what memory_snapshot() says the process
-    holds (metric -> bytes above the baseline; bench.memprobe)."""
-    rows: list[dict[str, Any]] = []
-    state, seen, start = None, 0, time.perf_counter()
-    pending = sorted(checkpoints)
-    gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        while seen < total and pending:
-            size = min(piece, pending[0] - seen)
-            x = torch.randn(1, size, model.config.d_model, generator=gen).to(device)
-            _, state = model(x, state)
-            seen += size
-            sync(device)
-            elapsed = time.perf_counter() - start
-            if seen == pending[0]:
-                pending.pop(0)
-                held = {"stream_state_bytes": state_bytes(state), **memory_snapshot()}
-                rows += [{"n": seen, "metric": "stream_time_s", "value": elapsed, "status": "ok"},
-                         {"n": seen, "metric": "stream_tokens_per_s", "value": seen / elapsed, "status": "ok"},
-                         *({"n": seen, "metric": k, "value": float(v), "status": "ok"} for k, v in held.items())]
-            if elapsed > budget_s and pending:
-                rows.append({"n": pending[0], "metric": "stream_time_s", "value": elapsed, "status": "timeout"})
-                break
-    return rows

@@ -1,11 +1,11 @@
 """What the claims ledger reads from a run's rows, and how per-part verdicts add up.
 
-Every rule of bench/claims.py builds its verdict from `Part`s: one measurement of one model (a fitted exponent,
-a trend over a stream), each with the cell ids of the rows behind it. A part is only made for a measurement the
-run attempted (it has rows, whatever their status); a part whose rows all failed (oom, timeout, diverged, error,
-skipped) is "not measured" with the statuses as its reason, never a number read from a NaN. Models are found
-through the registry (`family`, and the complexity each declares under the run's own config), so a model
-registered later is judged without editing the rules.
+Every rule of bench/analysing/claims.py builds its verdict from `Part`s: one measurement of one model (a fitted
+exponent, a trend over a stream), each with the cell ids of the rows behind it. A part is only made for a
+measurement the run attempted (it has rows, whatever their status); a part whose rows all failed (oom, timeout,
+diverged, error, skipped) is "not measured" with the statuses as its reason, never a number read from a NaN.
+Models are found through the registry (`family`, and the complexity each declares under the run's own config),
+so a model registered later is judged without editing the rules.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 import models
-from bench.scaling import PowerFit, fit_samples, t95
+from bench.analysing.scaling import PowerFit, fit_samples, t95
 from models.base import Complexity
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = "supported", "contradicted", "inconclusive", "not measured"

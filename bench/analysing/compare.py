@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.plots import SCALING_METRICS
-from bench.scaling import fit_power
+from bench.analysing.plots import SCALING_METRICS
+from bench.analysing.scaling import fit_power
 
 QUALITY = ("exact_match", "token_accuracy", "test_mse", "test_mae")
 COSTS = ("time_forward_s", "time_train_s", "memory_forward_bytes", "memory_train_bytes", "flops_forward",

@@ -13,8 +13,8 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench import accuracy, forecast  # noqa: E402
-from bench.scaling import fit_power  # noqa: E402
+from bench.analysing import accuracy, forecast  # noqa: E402
+from bench.analysing.scaling import fit_power  # noqa: E402
 
 OFF_SCALE = 1.5  # forecast look-back plot: references above this many times the worst model are named, not drawn
 SCALING_METRICS = {

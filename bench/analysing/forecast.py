@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench.accuracy import extra_field
+from bench.analysing.accuracy import extra_field
 
 METRIC = re.compile(r"^(val|test)_(mse|mae)(?:_(\w+))?$")
 HORIZONS = (96, 192, 336, 720)  # the papers' average is over these four

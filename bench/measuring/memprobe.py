@@ -1,4 +1,5 @@
-"""Subprocess entry for one memory measurement: `python -m bench.memprobe '<json request>'`.
+"""The fresh process of one memory measurement (launched by bench.measuring.isolated):
+`python -m bench.measuring.memprobe '<json request>'`.
 Prints one JSON line: peak_bytes (above the baseline), baseline_bytes, probe (which counter was used).
 A fresh process per point keeps one point's allocations from hiding another's.
 
@@ -6,7 +7,7 @@ A stream also reports, at each checkpoint, what the process holds (`snapshot`), 
 after the model is built: `stream_rss_bytes` (resident memory now; on GPU the bytes allocated now), and the
 allocator's own accounts, `stream_heap_used_bytes` (bytes handed out: glibc's uordblks + hblkhd; on GPU
 memory_allocated) and `stream_heap_free_bytes` (bytes the allocator holds but has not handed out: glibc's
-fordblks; on GPU reserved - allocated). Beside the bytes the state's tensors own (bench.profile), they tell
+fordblks; on GPU reserved - allocated). Beside the bytes the state's tensors own (bench.measuring.streaming), they tell
 state growth from allocator retention: a peak that grows while the state and the used heap stay flat is the
 allocator or the libraries, not the memory."""
 
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 
 import models
-from bench.profile import make_input, step, stream
+from bench.measuring.profile import make_input, step
+from bench.measuring.streaming import stream
 
 
 def _status_kb(field: str) -> int:

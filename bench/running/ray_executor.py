@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import socket
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
-from bench.cells import Cell
+from bench.running.cells import Cell
+from bench.running.execute import identified, run_cell, status_row
+from bench.running.schedule import Schedule
 
 MAX_RETRIES = 2
 CONNECT_TIMEOUT_S = 10.0
@@ -54,8 +55,6 @@ def connect(address: str | None) -> None:
 def run_cell_remote(cell: dict[str, Any], device: str, threads: int) -> list[dict[str, Any]]:
     import torch
 
-    from bench.runner import run_cell
-
     torch.set_num_threads(threads)
     return run_cell(Cell(**cell), device, threads, progress=False)
 
@@ -69,15 +68,14 @@ def failed_rows(cell: Cell, err: Exception, device: str, threads: int) -> list[d
     worker ran out of host memory, as a CPU allocation failure inside the cell is `oom`), else `error`."""
     import ray
 
-    from bench.runner import identified, status_row
-
     status = "oom" if isinstance(err, ray.exceptions.OutOfMemoryError) else "error"
     row = status_row(cell, status, f"failed on Ray after {MAX_RETRIES} retries: {type(err).__name__}")
     return identified(cell, [row], device, threads, wall_s=float("nan"))
 
 
-def run_on_ray(queues: dict[str, deque], skipped: Callable[[Cell], list | None],
-               settle: Callable[[Cell, list], None], device: str, threads: int, address: str | None) -> None:
+def run_on_ray(schedule: Schedule, device: str, threads: int,
+               address: str | None) -> Iterator[tuple[Cell, list[dict[str, Any]]]]:
+    """Yields (cell, rows) per cell as results arrive; the first cell of every series is in flight at once."""
     import ray
 
     connect(address)
@@ -85,18 +83,20 @@ def run_on_ray(queues: dict[str, deque], skipped: Callable[[Cell], list | None],
     remote = ray.remote(max_retries=MAX_RETRIES)(run_cell_remote)
     in_flight: dict[Any, tuple[str, Cell]] = {}
 
-    def submit(key: str) -> None:
-        q = queues[key]
-        while q and (rows := skipped(q[0])) is not None:
-            settle(q.popleft(), rows)
-        if q:
-            cell = q.popleft()
+    def submit(key: str) -> Iterator[tuple[Cell, list[dict[str, Any]]]]:
+        """Puts the series' next cell in flight; cells the schedule skips are yielded on the way."""
+        while (taken := schedule.take(key)) is not None:
+            cell, skipped = taken
+            if skipped is not None:
+                yield cell, skipped
+                continue
             cpus = node_cpus if exclusive(cell) else min(threads, node_cpus)
             options = {"num_cpus": cpus, "num_gpus": 1 if device.startswith("cuda") else 0}
             in_flight[remote.options(**options).remote(cell.as_dict(), device, threads)] = (key, cell)
+            return
 
-    for key in list(queues):
-        submit(key)
+    for key in schedule.series():
+        yield from submit(key)
     while in_flight:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         key, cell = in_flight.pop(ready[0])
@@ -104,5 +104,5 @@ def run_on_ray(queues: dict[str, deque], skipped: Callable[[Cell], list | None],
             rows = ray.get(ready[0])
         except ray.exceptions.RayError as err:
             rows = failed_rows(cell, err, device, threads)
-        settle(cell, rows)
-        submit(key)
+        yield cell, rows
+        yield from submit(key)

@@ -1,0 +1,1 @@
+"""Running a sweep: suites -> cells -> schedule -> executor (local or Ray) -> runner -> store."""
