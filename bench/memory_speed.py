@@ -28,8 +28,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import native_scan
-from models.neural_memory import KERNELS, MemoryConfig, NeuralMemory
+from models.memory import KERNELS, MemoryConfig, NeuralMemory, native
 
 ANCHORED = "titans-pytorch/anchored"
 # titans-pytorch anchored concatenates each chunk's weights onto all earlier ones (bytes allocated quadratic in
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threads {args.threads}, batch {args.batch}, D {args.dim}, heads {args.heads}, depth {args.depth}, "
           f"kernel {args.kernel}, best of {args.repeats}; fp32 matmul peak {peak:.0f} GFLOP/s")
     if args.kernel != "torch":
-        print(f"memory loops: {native_scan.describe()}")
+        print(f"memory loops: {native.describe()}")
     impls = {"ours": functools.partial(ours, kernel=args.kernel)} | (
         {"titans-pytorch": titans_pytorch} if args.titans_pytorch else {}) | (
         {ANCHORED: functools.partial(titans_pytorch, anchored=True)} if args.anchored else {})

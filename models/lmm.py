@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from models.layers import ResidualBlock
-from models.neural_memory import NeuralMemory
+from models.memory import NeuralMemory
 from models.titans import TitansConfig, TitansStack
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from models.attention import causal_mask, check_backend, masked_attention
 from models.layers import ResidualBlock, RMSNorm, rotary, rotary_tables, rotate
-from models.neural_memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_output
+from models.memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_output
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 

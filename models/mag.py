@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from models.attention import AttentionMixer
 from models.layers import ResidualBlock
-from models.neural_memory import NeuralMemory
+from models.memory import NeuralMemory
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 

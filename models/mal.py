@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from models.attention import AttentionMixer
 from models.layers import ResidualBlock, RMSNorm
-from models.neural_memory import NeuralMemory
+from models.memory import NeuralMemory
 from models.titans import TitansConfig, TitansStack
 
 
