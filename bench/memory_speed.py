@@ -8,8 +8,8 @@ reads after each token's write); titans-pytorch takes every inner gradient at th
 unless a batch size is set, pools the gates per chunk and reads chunk-end weights only. `--anchored` adds it
 with batch_size = chunk, which anchors each chunk's gradients at the previous chunk's end as ours does (it still
 pools gates and reads chunk-end weights): the same gradient rule, side by side. `--kernel` picks our
-memory kernel (default: compiled where usable). Forward work is counted by FlopCounterMode, under which our
-layer runs its torch loops: the compiled ones do the same products, invisibly to the counter.
+memory kernel (default: compiled where usable). Forward work is counted by FlopCounterMode, which counts our
+compiled operators by FLOP formulas equal to the torch loops' count of the same products.
 
 For each (chunk, n) cell the implementations are timed interleaved, repeat after repeat, so that all of
 them see the same phases of a shared machine, and the best of `--repeats` runs after a warm-up counts: the

@@ -18,7 +18,7 @@ class GatedMixer(nn.Module):
     def __init__(self, c: TitansConfig):
         super().__init__()
         self.attn = AttentionMixer(c.d_model, c.n_heads, c.attention, c.window, c.n_persistent, c.rope_base)
-        self.memory = NeuralMemory(c.d_model, c.memory())
+        self.memory = NeuralMemory(c.d_model, c.memory)
         self.gate = MemoryGate(c.d_model)
 
     def state_numel(self, n: int) -> int:

@@ -16,7 +16,7 @@ from models.titans import TitansConfig, TitansStack
 class MemoryThenAttention(nn.Module):
     def __init__(self, c: TitansConfig):
         super().__init__()
-        self.memory = NeuralMemory(c.d_model, c.memory())
+        self.memory = NeuralMemory(c.d_model, c.memory)
         self.norm = RMSNorm(c.d_model)
         self.attn = AttentionMixer(c.d_model, c.n_heads, c.attention, c.window, c.n_persistent, c.rope_base)
 

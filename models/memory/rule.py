@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.config import above, at_least, check
+from models.config import above, at_least, check, one_of
 
 RULES = ("titans", "seed", "seed_corrected")
 PATHS = ("chunked", "reference")
@@ -60,13 +60,8 @@ class MemoryConfig:
     # around the scan (conv, norms, output gate), or native where usable
 
     def __post_init__(self):
-        if self.rule not in RULES:
-            raise ValueError(f"unknown memory rule {self.rule!r}; valid: {', '.join(RULES)}")
-        if self.path not in PATHS:
-            raise ValueError(f"unknown memory path {self.path!r}; valid: {', '.join(PATHS)}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown memory kernel {self.kernel!r}; valid: {', '.join(KERNELS)}")
-        check(self, depth=at_least(1), chunk=at_least(1), conv_kernel=at_least(1), n_heads=at_least(1),
+        check(self, rule=one_of(*RULES), path=one_of(*PATHS), kernel=one_of(*KERNELS), depth=at_least(1),
+              chunk=at_least(1), conv_kernel=at_least(1), n_heads=at_least(1),
               block=at_least(1), read_chunk=at_least(1), expansion=above(0), max_lr=at_least(0),
               seed_gamma=at_least(0), clip=at_least(0))
 
