@@ -603,3 +603,40 @@ def test_flop_counter_counts_the_compiled_operators_as_the_torch_path_it_times(n
     scan = "titans_bench.scan_read_recorded" if train else "titans_bench.scan_read"
     assert {scan, "titans_bench.coefficients"} <= ops and ("titans_bench.scan_read_backward" in ops) == train
     assert native_flops == torch_flops
+
+
+def operator_cases():
+    """Each compiled operator with small fp64 inputs: the forwards with gradients wanted (autograd registered) or
+    not (scan_read, inference only), the backwards on what their forwards give."""
+    g = torch.Generator().manual_seed(6)
+
+    def rnd(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    states, anchor, *rest = pairs_major(scan_case(torch.float64))
+    scan = [[t.clone().requires_grad_(True) for t in states], [t.clone().requires_grad_(True) for t in anchor],
+            *(t.contiguous().requires_grad_(True) for t in rest)]
+    detached = [[t.detach() for t in scan[0]], [t.detach() for t in scan[1]], *(t.detach() for t in scan[2:])]
+    y, end, path, zs, ds, scales = native.scan_read_recorded(*detached, 0.3)
+    anchor, (k, _, write, mix, q, G, BBC) = detached[1], detached[2:]
+    gates = [rnd(3, 4, 8) for _ in range(3)]
+    co = [t.detach() for t in native.coefficients(*gates)]
+    conv = [rnd(2, 2, 12), rnd(2, 5, 12), rnd(3, 12), rnd(12)]
+    gate = [rnd(2, 2, 5, 3), rnd(3), rnd(2, 5, 6)]
+    ops = torch.ops.titans_bench
+    return [
+        (ops.scan_read_recorded, (*scan, 0.3)), (ops.scan_read, (*detached, 0.0)), (ops.coefficients, gates),
+        (ops.conv_activate_normalise, (*conv, 2)), (ops.norm_gate, (*gate, 1e-6)),
+        (ops.scan_read_backward, (anchor, k, write, mix, path, zs, ds, q, G, BBC, rnd(*y.shape, grad=False),
+                                  [rnd(*e.shape, grad=False) for e in end], scales, 0.3)),
+        (ops.coefficients_backward, (*(t.detach() for t in gates), *(rnd(*c.shape, grad=False) for c in co))),
+        (ops.conv_activate_normalise_backward, (*(t.detach() for t in conv), [rnd(2, 2, 5, 2, grad=False)] * 3)),
+        (ops.norm_gate_backward, (*(t.detach() for t in gate), 1e-6, rnd(2, 5, 6, grad=False))),
+    ]
+
+
+@needs_native
+def test_compiled_operators_pass_torchs_operator_checks():
+    # schema, shape functions against the real outputs, autograd registration, tracing with dynamic shapes
+    for op, args in operator_cases():
+        assert set(torch.library.opcheck(op, args).values()) == {"SUCCESS"}, op
