@@ -5,8 +5,9 @@ ranges with `check`. Both name the key, the value and what is valid, so a bad va
 never as a stray TypeError deep in a model or as a silent `ok` row with zero parameters.
 
 Types understood: bool (only true/false: a bool is not taken for a number), int (not a float, not a bool),
-float (an int is widened; must be finite), str, `X | None`, `tuple[X, ...]` (a non-empty list), `dict[...]`
-and `Any`. A TOML list arrives as a list and is stored as a tuple.
+float (an int is widened; must be finite), str, `X | None`, `tuple[X, ...]` (a non-empty list), `dict[...]`,
+`Any`, and another config dataclass, whose options are given dotted (`memory.chunk=8`) or as a table. A TOML
+list arrives as a list and is stored as a tuple.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _describe(kind: Any) -> str:
         return f"a list of {len(args)} {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
     if origin is tuple:
         return f"a non-empty list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
-    if origin is dict or kind is dict:
+    if origin is dict or kind is dict or dataclasses.is_dataclass(kind):
         return "a table"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
             type(None): "unset"}.get(kind, str(kind))
@@ -112,29 +113,62 @@ def _coerce(value: Any, kind: Any) -> tuple[bool, Any]:
         return all(ok for ok, _ in items), tuple(v for _, v in items)
     if origin is dict or kind is dict:
         return isinstance(value, dict), value
+    if dataclasses.is_dataclass(kind):  # a nested config given built (its options as a table go to _build)
+        return isinstance(value, kind), value
     raise TypeError(f"make_config does not know the annotation {kind!r}")
 
 
 def make_config(config_cls: type, overrides: dict[str, Any], what: str, noun: str = "option") -> Any:
     """Build a frozen config from overrides: unknown or missing keys, wrong types and out-of-range values raise
-    ConfigError naming `what` and `noun` (e.g. "model 'lmm' option"), the key, the value and what is valid."""
+    ConfigError naming `what` and `noun` (e.g. "model 'lmm' option"), the key, the value and what is valid.
+
+    A field whose type is itself a config dataclass (TitansConfig's `memory: MemoryConfig`) takes its options
+    as dotted keys (`{"memory.chunk": 8}`, as `--model-arg memory.chunk=8` gives them) or as a table
+    (`{"memory": {"chunk": 8}}`, as TOML gives them), or both; they are checked the same way, and errors name
+    them dotted."""
+    return _build(config_cls, overrides, what, noun, "")
+
+
+def _nested(config_cls: type) -> dict[str, type]:
+    """The fields of config_cls that are config dataclasses themselves, with their classes."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _keys(config_cls: type, prefix: str = "") -> list[str]:
+    """Every key config_cls takes, nested ones dotted."""
+    nested = _nested(config_cls)
+    return sorted(key for f in dataclasses.fields(config_cls)
+                  for key in (_keys(nested[f.name], f"{prefix}{f.name}.") if f.name in nested else [prefix + f.name]))
+
+
+def _build(config_cls: type, overrides: dict[str, Any], what: str, noun: str, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(overrides) - set(fields))
+    nested = _nested(config_cls)
+    tables: dict[str, dict[str, Any]] = {}
+    flat = {}
+    for key, value in overrides.items():
+        head, dot, rest = key.partition(".")
+        if head in nested and (dot or isinstance(value, dict)):
+            tables.setdefault(head, {}).update({rest: value} if dot else value)
+        else:
+            flat[key] = value
+    unknown = sorted(prefix + key for key in set(flat) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown {what} {noun}(s) {unknown}; valid: {', '.join(sorted(fields))}")
-    missing = sorted(name for name, f in fields.items() if name not in overrides and f.init
+        raise ConfigError(f"unknown {what} {noun}(s) {unknown}; valid: {', '.join(_keys(config_cls, prefix))}")
+    missing = sorted(prefix + name for name, f in fields.items() if name not in overrides and f.init
                      and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
     if missing:
         raise ConfigError(f"{what}: {noun}(s) {missing} missing; give a value for each")
     hints = typing.get_type_hints(config_cls)
-    values = {}
-    for key, value in overrides.items():
+    values = {name: _build(nested[name], table, what, noun, f"{prefix}{name}.") for name, table in tables.items()}
+    for key, value in flat.items():
         ok, values[key] = _coerce(value, hints[key])
         if not ok:
-            raise ConfigError(f"{what} {noun} {key}={_show(value)}: must be {_describe(hints[key])}")
+            raise ConfigError(f"{what} {noun} {prefix}{key}={_show(value)}: must be {_describe(hints[key])}")
     try:
         return config_cls(**values)
     except ConfigError as err:
-        raise ConfigError(f"{what} {noun} {err}") from None
+        raise ConfigError(f"{what} {noun} {prefix}{err}") from None
     except ValueError as err:  # a __post_init__ that words its own message
         raise ConfigError(f"{what}: {err}") from None

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from models.attention import causal_mask, check_backend, masked_attention
 from models.layers import ResidualBlock, RMSNorm, rotary, rotary_tables, rotate
-from models.neural_memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_output
+from models.memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_output
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 
@@ -41,7 +41,7 @@ class MemoryAsContext(nn.Module):
         if c.segment < 1:
             raise ValueError(f"segment must be >= 1, got {c.segment}")
         self.c = c
-        self.memory = NeuralMemory(c.d_model, c.memory(), retrieval=True)
+        self.memory = NeuralMemory(c.d_model, c.memory, retrieval=True)
         self.persistent = nn.Parameter(torch.randn(c.n_persistent, c.d_model) * 0.02)
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model, bias=False)
         self.out = nn.Linear(c.d_model, c.d_model, bias=False)
@@ -49,7 +49,7 @@ class MemoryAsContext(nn.Module):
         self.write_norm = RMSNorm(c.d_model)
 
     def state_numel(self, n: int) -> int:
-        weights = sum(w[0].numel() for w in self.memory.init_weights) * self.c.n_heads
+        weights = sum(w[0].numel() for w in self.memory.init_weights) * self.c.memory.n_heads
         return self.memory.state_numel(n) + weights + 4 * min(n, self.c.segment) * self.c.d_model
 
     def heads(self, t: Tensor) -> tuple[Tensor, ...]:
@@ -88,7 +88,7 @@ class MemoryAsContext(nn.Module):
         aligned = F.pad(torch.stack([q, kx]), (0, 0, o, segments * c.segment - o - n)).unflatten(-2, (segments, -1))
         q, kx = rotary(aligned, 0, c.rope_base).flatten(-3, -2)[..., o : o + n, :].unbind(0)
         memory = self.memory  # NeuralMemory.read, split: its queries and output gate for the whole call here
-        retrieval = l2_normalise(memory.retrieve_q(x).view(b, n, c.n_heads, -1).transpose(1, 2))  # [B, H, n, dh]
+        retrieval = l2_normalise(memory.retrieve_q(x).view(b, n, c.memory.n_heads, -1).transpose(1, 2))  # [B, H, n, dh]
         read_gate = torch.sigmoid(memory.out_gate(x))  # [B, n, D]
         kv_persistent = self.persistent_kv(b, x.dtype)
         read_kv, cos, sin = self.read_kv_weight(x.dtype, x.device)

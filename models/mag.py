@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from models.attention import AttentionMixer
 from models.layers import ResidualBlock
-from models.neural_memory import NeuralMemory
+from models.memory import NeuralMemory
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 
@@ -18,7 +18,7 @@ class GatedMixer(nn.Module):
     def __init__(self, c: TitansConfig):
         super().__init__()
         self.attn = AttentionMixer(c.d_model, c.n_heads, c.attention, c.window, c.n_persistent, c.rope_base)
-        self.memory = NeuralMemory(c.d_model, c.memory())
+        self.memory = NeuralMemory(c.d_model, c.memory)
         self.gate = MemoryGate(c.d_model)
 
     def state_numel(self, n: int) -> int:

@@ -9,14 +9,14 @@ from torch import Tensor, nn
 
 from models.attention import AttentionMixer
 from models.layers import ResidualBlock, RMSNorm
-from models.neural_memory import NeuralMemory
+from models.memory import NeuralMemory
 from models.titans import TitansConfig, TitansStack
 
 
 class MemoryThenAttention(nn.Module):
     def __init__(self, c: TitansConfig):
         super().__init__()
-        self.memory = NeuralMemory(c.d_model, c.memory())
+        self.memory = NeuralMemory(c.d_model, c.memory)
         self.norm = RMSNorm(c.d_model)
         self.attn = AttentionMixer(c.d_model, c.n_heads, c.attention, c.window, c.n_persistent, c.rope_base)
 

@@ -3,7 +3,7 @@ stack model that threads streaming state through its blocks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -13,32 +13,25 @@ from models.attention import BACKENDS
 from models.base import Complexity, SequenceModel
 from models.config import above, at_least, check, one_of, require
 from models.layers import BlockStack, RMSNorm
-from models.neural_memory import PATHS, RULES, MemoryConfig
+from models.memory import MemoryConfig
 
 MAC_PATHS = ("hoisted", "segment_loop")  # models/mac.py: the default, and the segment-by-segment reference
 
 
 @dataclass(frozen=True)
 class TitansConfig:
-    """Width and depth match TransformerConfig. Defaults for what the paper leaves open: memory MLP depth 2 and
-    hidden width 2 x head_dim, chunk 16, conv kernel 4, inner step max_lr 0.5 with each token's inner gradient
-    clipped to norm 1 (MemoryConfig: unclipped, a step above 0.01 diverged in training), 4 persistent tokens,
-    window 64 (MAG, MAL), segment 64 (MAC)."""
+    """Width and depth match TransformerConfig. Every memory option is `memory` (MemoryConfig, given as
+    `memory.chunk=8` or a `memory` table), whose defaults are those the paper leaves open: memory MLP depth 2
+    and hidden width 2 x head_dim, chunk 16, conv kernel 4, inner step max_lr 0.5 with each token's inner
+    gradient clipped to norm 1 (unclipped, a step above 0.01 diverged in training). The memory has as many
+    heads as the attention unless `memory.n_heads` says otherwise. 4 persistent tokens, window 64 (MAG, MAL),
+    segment 64 (MAC)."""
 
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     mlp_ratio: float = 4.0
-    mem_depth: int = 2
-    mem_expansion: float = 2.0
-    chunk: int = 16
-    conv_kernel: int = 4
-    max_lr: float = 0.5
-    momentum: bool = True
-    forgetting: bool = True
-    rule: str = "titans"  # "titans", "seed", "seed_corrected" (see models/neural_memory.py)
-    memory_path: str = "chunked"  # "chunked" (dual form) or "reference" (token loop)
-    mem_clip: float = 1.0  # inner gradient norm bound per token (MemoryConfig.clip); 0: off
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # n_heads unset: the attention's n_heads
     n_persistent: int = 4  # N_p learned input-independent tokens (MAC, MAG, MAL)
     window: int = 64  # sliding-window width (MAG, MAL)
     segment: int = 64  # segment length C (MAC)
@@ -48,19 +41,15 @@ class TitansConfig:
 
     def __post_init__(self):
         check(self, d_model=at_least(1), n_layers=at_least(1), n_heads=at_least(1), mlp_ratio=above(0),
-              mem_depth=at_least(1), mem_expansion=above(0), chunk=at_least(1), conv_kernel=at_least(1),
-              max_lr=at_least(0), mem_clip=at_least(0), rule=one_of(*RULES), memory_path=one_of(*PATHS),
               n_persistent=at_least(0), window=at_least(1), segment=at_least(1),
               mac_path=one_of(*MAC_PATHS), attention=one_of(*BACKENDS),
               rope_base=above(0))
         require(self.d_model % self.n_heads == 0,
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-
-    def memory(self) -> MemoryConfig:
-        return MemoryConfig(n_heads=self.n_heads, depth=self.mem_depth, expansion=self.mem_expansion,
-                            chunk=self.chunk, conv_kernel=self.conv_kernel, max_lr=self.max_lr,
-                            momentum=self.momentum, forgetting=self.forgetting, rule=self.rule,
-                            path=self.memory_path, clip=self.mem_clip)
+        if self.memory.n_heads is None:
+            object.__setattr__(self, "memory", replace(self.memory, n_heads=self.n_heads))  # frozen: set once here
+        require(self.d_model % self.memory.n_heads == 0,
+                f"d_model={self.d_model} must be divisible by memory.n_heads={self.memory.n_heads}")
 
 
 class MemoryGate(nn.Module):

@@ -85,11 +85,11 @@ def with_recipe(r, **model_config):
 
 
 def test_a_sweep_keeps_each_recipe_apart_and_a_plain_suite_is_untouched():
-    sweep = frame([with_recipe(row("lmm", 16, 0.9, seed=0), max_lr=0.5, mem_clip=1.0),
-                   with_recipe(row("lmm", 16, 0.2, seed=0), max_lr=0.5, mem_clip=0.0),
+    sweep = frame([with_recipe(row("lmm", 16, 0.9, seed=0), **{"memory.max_lr": 0.5, "memory.clip": 1.0}),
+                   with_recipe(row("lmm", 16, 0.2, seed=0), **{"memory.max_lr": 0.5, "memory.clip": 0.0}),
                    with_recipe(row("transformer", 16, 0.8, seed=0))])
     labelled = accuracy.label_recipes(sweep)
-    assert sorted(labelled["model"]) == ["lmm (mem_clip=0.0)", "lmm (mem_clip=1.0)", "transformer"]
+    assert sorted(labelled["model"]) == ["lmm (memory.clip=0.0)", "lmm (memory.clip=1.0)", "transformer"]
     assert len(accuracy.summary(labelled, "copy")) == 3  # not pooled as two seeds of one lmm
-    plain = frame([with_recipe(row("lmm", 16, v, seed=s), max_lr=0.5) for s, v in enumerate((0.8, 0.9))])
+    plain = frame([with_recipe(row("lmm", 16, v, seed=s), **{"memory.max_lr": 0.5}) for s, v in enumerate((0.8, 0.9))])
     assert accuracy.label_recipes(plain)["model"].tolist() == ["lmm", "lmm"]

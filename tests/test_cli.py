@@ -32,6 +32,8 @@ def test_list_shows_models_with_params_state_and_complexity():
     (["train", "--model", "swa", "--task", "sort"], "choose from 'copy'"),
     (["run", "--suite", "nope"], "valid suites: "),
     (["train", "--model", "swa", "--task", "copy", "--model-arg", "width=3"], "valid: "),
+    (["train", "--model", "lmm", "--task", "copy", "--model-arg", "memory.kernl=torch"],
+     "unknown model 'lmm' option(s) ['memory.kernl']; valid: memory.block, memory.chunk,"),
     (["train", "--model", "swa", "--task", "copy", "--task-arg", "variant=reverse"], "valid: copy, selective"),
     (["frobnicate"], "invalid choice"),
     (["run", "--device", "tpu"], "choose from 'auto', 'cpu', 'cuda'"),
@@ -57,6 +59,17 @@ def test_train_command_writes_a_tidy_csv_and_env(tmp_path):
     env = json.loads((tmp_path / "r" / "env.json").read_text())
     assert env["threads"] == 1 and env["memory_kernel"].startswith(("compiled (", "torch loops"))
     assert frame["threads"].eq(1).all() and frame["params"].gt(0).all()
+
+
+def test_a_nested_model_arg_reaches_the_memory_config_end_to_end(tmp_path):
+    code = main(["train", "--model", "lmm", "--task", "copy", "--steps", "2", "--batch-size", "2",
+                 "--task-arg", "eval_lengths=[4]", "--task-arg", "eval_samples=4", "--threads", "1",
+                 "--model-arg", "memory.kernel=torch", "--model-arg", "memory.chunk=8",
+                 "--run-dir", str(tmp_path / "r")])
+    assert code == 0
+    frame = pd.read_csv(tmp_path / "r" / "results.csv")
+    configs = {json.dumps(json.loads(c)["model_config"], sort_keys=True) for c in frame["config"]}
+    assert configs == {'{"memory.chunk": 8, "memory.kernel": "torch"}'}
 
 
 def test_suite_rerun_skips_finished_cells(tmp_path):

@@ -98,8 +98,8 @@ def test_every_registered_config_builds_from_its_defaults(what, cls):
     (models.MODELS["transformer"].config_cls, "d_model", 0, ">= 1"),
     (models.MODELS["transformer"].config_cls, "n_layers", -1, ">= 1"),
     (models.MODELS["lmm"].config_cls, "d_model", 0, ">= 1"),
-    (models.MODELS["lmm"].config_cls, "chunk", 0, ">= 1"),
-    (models.MODELS["mag"].config_cls, "rule", "sgd", "one of titans, seed, seed_corrected"),
+    (models.MODELS["lmm"].config_cls, "memory.chunk", 0, ">= 1"),
+    (models.MODELS["mag"].config_cls, "memory.rule", "sgd", "one of titans, seed, seed_corrected"),
     (TrainConfig, "lr", -1.0, "> 0"),
     (TrainConfig, "steps", 0, ">= 1"),
     (ProfileConfig, "batch", 0, ">= 1"),
@@ -109,6 +109,36 @@ def test_out_of_range_values_are_refused_naming_key_value_and_range(cls, key, va
     with pytest.raises(ConfigError) as err:
         make_config(cls, {key: value}, "cfg")
     assert str(err.value) == f"cfg option {key}={value!r}: must be {valid}"
+
+
+def test_memory_options_are_nested_and_reached_dotted_or_as_a_table():
+    titans = models.MODELS["lmm"].config_cls
+    dotted = make_config(titans, {"memory.kernel": "torch", "memory.chunk": 8}, "cfg")
+    table = make_config(titans, {"memory": {"kernel": "torch", "chunk": 8}}, "cfg")
+    both = make_config(titans, {"memory": {"kernel": "torch"}, "memory.chunk": 8}, "cfg")
+    assert dotted == table == both and (dotted.memory.kernel, dotted.memory.chunk) == ("torch", 8)
+    assert make_config(titans, {"memory.read_chunk": 4, "memory.seed_gamma": 2.0}, "cfg").memory.read_chunk == 4
+
+
+def test_the_memory_has_the_attention_heads_unless_told_otherwise():
+    titans = models.MODELS["mag"].config_cls
+    assert make_config(titans, {"n_heads": 2}, "cfg").memory.n_heads == 2
+    assert make_config(titans, {"n_heads": 2, "memory.n_heads": 8}, "cfg").memory.n_heads == 8
+    with pytest.raises(ConfigError, match="d_model=64 must be divisible by memory.n_heads=3"):
+        make_config(titans, {"memory.n_heads": 3}, "cfg")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"memory.kernl": "torch"}, "unknown cfg option(s) ['memory.kernl']; valid: memory.block, memory.chunk, "),
+    ({"memory": {"kernl": "torch"}}, "unknown cfg option(s) ['memory.kernl']; valid: memory.block, memory.chunk, "),
+    ({"chunk": 8}, "unknown cfg option(s) ['chunk']; valid: attention, d_model, mac_path, memory.block, "),
+    ({"memory.chunk": 2.5}, "cfg option memory.chunk=2.5: must be an integer"),
+    ({"memory": 3}, "cfg option memory=3: must be a table"),
+])
+def test_bad_nested_options_name_the_dotted_key_and_what_is_valid(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        make_config(models.MODELS["lmm"].config_cls, overrides, "cfg")
+    assert str(err.value).startswith(message)
 
 
 def test_cross_field_rules_name_both_keys():

@@ -10,15 +10,16 @@ N = 150  # 2 segments and a part at the default segment 64
 
 CONFIGS = [
     {},
-    {"segment": 16, "chunk": 4},
+    {"segment": 16, "memory.chunk": 4},
     {"segment": 24},  # chunks of 16 that straddle segment boundaries
-    {"segment": 5, "chunk": 2, "n_persistent": 0},
+    {"segment": 5, "memory.chunk": 2, "n_persistent": 0},
     {"attention": "naive", "n_persistent": 1},
-    {"memory_path": "reference", "segment": 32, "chunk": 8},
+    {"memory.path": "reference", "segment": 32, "memory.chunk": 8},
+    {"memory.n_heads": 2, "segment": 16, "memory.chunk": 4},  # the memory's own heads, not the attention's 4
 ]
 # heads of 15 channels: rotary leaves the last channel of each head unrotated, which the hoisted path's signed
 # permutation of h's key rows must do too
-ODD_HEADS = {"d_model": 60, "segment": 16, "chunk": 4}
+ODD_HEADS = {"d_model": 60, "segment": 16, "memory.chunk": 4}
 
 
 def pair(**overrides):
@@ -93,7 +94,7 @@ def test_hoisted_path_streamed_in_random_pieces_equals_the_reference_in_one_call
 
 def test_hoisted_path_gradients_through_a_carried_state_equal_the_reference():
     """Training on a stream continued from a state (a cut inside a segment): gradients reach the first piece."""
-    fast, reference = pair(segment=16, chunk=4)
+    fast, reference = pair(segment=16, **{"memory.chunk": 4})
     x = torch.randn(2, 60, 64, dtype=torch.float64)
     grads = []
     for model in (fast, reference):
@@ -116,7 +117,7 @@ def test_memory_write_then_finish_equals_the_memory_layer(n):
     """MAC writes its memory segment by segment (NeuralMemory.write) and finishes all the reads in one call:
     the same outputs and state as the layer's own forward, in fp64."""
     torch.manual_seed(0)
-    memory = models.build("mac", segment=16, chunk=4).double().stack.blocks[0].mixer.memory
+    memory = models.build("mac", segment=16, **{"memory.chunk": 4}).double().stack.blocks[0].mixer.memory
     x = torch.randn(2, n, 64, dtype=torch.float64)
     expected, state_expected = memory(x)
     reads, state = [], memory.initial_state(2, x.dtype)

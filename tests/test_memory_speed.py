@@ -5,7 +5,7 @@ assertions."""
 import pytest
 import torch
 
-from models import native_scan
+from models.memory import native
 from tools.memory_speed import breakdown, comparisons, main, matmul_peak_gflops, measure_cell, ours
 
 
@@ -13,7 +13,7 @@ from tools.memory_speed import breakdown, comparisons, main, matmul_peak_gflops,
 @pytest.mark.parametrize("chunk", [16, 64])
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_memory_layer_speed(benchmark, chunk, mode, kernel):
-    if kernel == "native" and not native_scan.available():
+    if kernel == "native" and not native.available():
         pytest.skip("no C++ compiler: the compiled scan is unavailable")
     torch.set_num_threads(2)
     layer = ours(64, 4, 2, chunk, kernel=kernel)

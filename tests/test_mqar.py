@@ -132,5 +132,5 @@ def test_memory_models_stay_finite_where_they_used_to_diverge(model):
 @pytest.mark.slow
 def test_without_the_inner_gradient_clip_the_same_run_diverges():
     """The control that shows the test above can fail: the defaults' inner step with the clip removed."""
-    result = train_on_the_issue_recall_problem("lmm", steps=400, mem_clip=0.0)
+    result = train_on_the_issue_recall_problem("lmm", steps=400, **{"memory.clip": 0.0})
     assert result.status == "diverged"

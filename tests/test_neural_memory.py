@@ -7,32 +7,27 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from models import native_scan
-from models.neural_memory import (
+from models.memory import (
     NO_MOMENTUM_LOG,
     CausalDepthwiseConv,
-    ConvActivateNormalise,
-    KeyScan,
     MemoryConfig,
     NeuralMemory,
-    NormGate,
-    ScanRead,
-    ShiftedProducts,
     chunk_coefficients,
     chunked_scan,
-    coefficients,
     l2_normalise,
     mlp_backprop,
     mlp_forward,
-    read_chunks,
+    native,
     reference_scan,
-    to_subchunks,
-    use_native,
 )
+from models.memory.chunked import KeyScan, coefficients, read_chunks, to_subchunks
+from models.memory.layer import ShiftedProducts
+from models.memory.native import use_native
 
 FIXTURES = Path(__file__).parent / "fixtures"
-needs_native = pytest.mark.skipif(not native_scan.available(),
+needs_native = pytest.mark.skipif(not native.available(),
                                   reason="no C++ compiler: the compiled scan is unavailable")
 KERNELS = ["torch", pytest.param("native", marks=needs_native)]
 
@@ -302,13 +297,14 @@ def pairs_major(tensors):
 
 
 def compiled_scan_and_read(depth, bound, *tensors):
-    """ScanRead on scan_case's layout: what torch_scan_and_read returns, from the compiled loops."""
-    y, *end = ScanRead.apply(depth, bound, *pairs_major(tensors))
+    """The training operator on scan_case's layout: what torch_scan_and_read returns, from the compiled loops."""
+    states, anchor = list(tensors[:depth]), list(tensors[depth : 2 * depth])
+    y, end = native.scan_read_recorded(states, anchor, *pairs_major(tensors)[2 * depth :], bound)[:2]
     return (y.transpose(0, 1), *end)
 
 
 def torch_scan_and_read(depth, bound, *tensors):
-    """The torch loops' composition that ScanRead computes in one pass: the reads and the end states."""
+    """The torch loops' composition that scan_read_recorded computes in one pass: the reads and the end states."""
     out = KeyScan.apply(depth, bound, *tensors[: 2 * depth + 4])
     path, end = out[:depth], out[depth : 2 * depth]
     zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
@@ -329,11 +325,11 @@ def test_compiled_scan_and_reads_equal_the_torch_loops_forward_and_backward(dtyp
     probes = None
     bound = 0.0
     if clip:  # a bound at the median key gradient: both branches of the clip's backward run
-        _, _, zs, ds, _ = native_scan.scan_and_read_recorded(*pairs_major(case))
+        _, _, _, zs, ds, _ = native.scan_read_recorded(*pairs_major(case), 0.0)
         hs = [pairs_major(case)[2], *map(F.silu, zs)]
         norms = sum(h.pow(2).sum(-1) * d.pow(2).sum(-1) for h, d in zip(hs, ds, strict=True)).sqrt()
         bound = norms.median().item() * 1.001
-        scales = native_scan.scan_and_read_recorded(*pairs_major(case), bound)[-1]
+        scales = native.scan_read_recorded(*pairs_major(case), bound)[-1]
         assert (scales < 1).any() and (scales == 1).any()
 
     def run(fn):
@@ -347,7 +343,7 @@ def test_compiled_scan_and_reads_equal_the_torch_loops_forward_and_backward(dtyp
     (expected, expected_grads), (got, got_grads) = run(torch_scan_and_read), run(compiled_scan_and_read)
     for e, a in zip((*expected, *expected_grads), (*got, *got_grads), strict=True):
         assert torch.isfinite(e).all() and rel_err(a, e) < tol
-    y, end = native_scan.scan_and_read(*pairs_major(case), bound)  # inference: the same reads, nothing recorded
+    y, end = native.scan_read(*pairs_major(case), bound)  # inference: the same reads, nothing recorded
     assert rel_err(y.transpose(0, 1), expected[0]) < tol
     assert all(rel_err(a, e) < tol for a, e in zip(end, expected[1:], strict=True))
 
@@ -426,10 +422,10 @@ def test_compiled_conv_norms_and_output_gate_pass_gradcheck():
     g = torch.Generator().manual_seed(5)
     tail, p, weight, bias = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
                              for shape in ((2, 2, 12), (2, 5, 12), (3, 12), (12,)))
-    assert torch.autograd.gradcheck(lambda *t: ConvActivateNormalise.apply(*t, 2), (tail, p, weight, bias))
+    assert torch.autograd.gradcheck(lambda *t: native.conv_activate_normalise(*t, 2), (tail, p, weight, bias))
     y, weight, logits = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
                          for shape in ((2, 2, 5, 3), (3,), (2, 5, 6)))
-    assert torch.autograd.gradcheck(lambda *t: NormGate.apply(*t, 1e-6), (y, weight, logits))
+    assert torch.autograd.gradcheck(lambda *t: native.norm_gate(*t, 1e-6), (y, weight, logits))
 
 
 @needs_native
@@ -443,9 +439,9 @@ def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
     try:
         for n in (1, 4, 6):
             torch.set_num_threads(n)
-            y, path, zs, ds, scales = native_scan.scan_and_read_recorded(*case, 2.0)
-            grads = native_scan.scan_and_read_backward(anchor, k, write, mix, path, zs, ds, q, G, BBC,
-                                                       torch.ones_like(y), [p[:, -1] for p in path], scales, 2.0)
+            y, _, path, zs, ds, scales = native.scan_read_recorded(*case, 2.0)
+            grads = native.scan_read_backward(anchor, k, write, mix, path, zs, ds, q, G, BBC,
+                                              torch.ones_like(y), [p[:, -1] for p in path], scales, 2.0)
             flat = [y, *path, *zs, *ds, scales, *itertools.chain(*(g if isinstance(g, list) else [g] for g in grads))]
             results.append(torch.cat([t.flatten() for t in flat]))
     finally:
@@ -456,18 +452,18 @@ def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
 @needs_native
 def test_compiled_code_refuses_tensors_of_other_shapes_instead_of_reading_out_of_bounds():
     with pytest.raises(ValueError, match=r"pairs-major layout .*write \(6, 12, 2, 1, 4\) \(expected \(3, 12"):
-        native_scan.scan_and_read(*scan_case(torch.float32, pairs=12, chunks=3))  # chunk-major: [m, P, ...]
+        native.scan_read(*scan_case(torch.float32, pairs=12, chunks=3), 0.0)  # chunk-major: [m, P, ...]
     with pytest.raises(ValueError, match=r"conv and norms: weight \(4, 70\) \(expected \(4, 72\)\)"):
-        native_scan.conv_activate_normalise(torch.zeros(2, 3, 72), torch.zeros(2, 5, 72), torch.zeros(4, 70),
+        native.conv_activate_normalise(torch.zeros(2, 3, 72), torch.zeros(2, 5, 72), torch.zeros(4, 70),
                                             torch.zeros(72), 3)
     with pytest.raises(ValueError, match=r"norm and gate: logits \(2, 5, 16\) \(expected \(2, 5, 24\)\)"):
-        native_scan.norm_gate(torch.zeros(2, 3, 5, 8), torch.ones(8), torch.zeros(2, 5, 16), 1e-6)
+        native.norm_gate(torch.zeros(2, 3, 5, 8), torch.ones(8), torch.zeros(2, 5, 16), 1e-6)
 
 
 @needs_native
 def test_compiled_loops_leave_the_callers_subnormal_handling_alone():
     # flushes subnormals inside, on its own threads only
-    native_scan.scan_and_read(*pairs_major(scan_case(torch.float32)))
+    native.scan_read(*pairs_major(scan_case(torch.float32)), 0.0)
     tiny = torch.tensor([1e-39], dtype=torch.float32)
     assert (tiny * 1.5).item() > 0
 
@@ -486,7 +482,7 @@ def test_a_nan_reaches_the_outputs_and_gradients_so_divergence_is_seen(kernel):
 
 
 def test_native_kernel_without_a_compiler_says_what_to_use_instead(monkeypatch):
-    monkeypatch.setattr(native_scan, "library", lambda: None)
+    monkeypatch.setattr(native, "library", lambda: None)
     with pytest.raises(RuntimeError, match="'auto' or 'torch'"):
         use_native("native", torch.zeros(2))
     assert not use_native("auto", torch.zeros(2))
@@ -496,17 +492,17 @@ def test_a_failed_build_reports_the_compiler_error_and_falls_back_to_the_torch_l
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setenv("TITANS_BENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(native_scan, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCE", broken)
     with pytest.raises(RuntimeError, match="failed"):
-        native_scan.build()
-    native_scan.library.cache_clear()
+        native.build()
+    native.library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="slower torch loop"):
-            assert native_scan.library() is None
+            assert native.library() is None
         assert not use_native("auto", torch.zeros(2))
     finally:
         monkeypatch.undo()
-        native_scan.library.cache_clear()
+        native.library.cache_clear()
 
 
 @pytest.mark.parametrize("path,grad", [("chunked", True), ("chunked", False), ("reference", True)])
@@ -581,3 +577,66 @@ def test_long_inputs_streamed_in_blocks_equal_one_block():
 def test_bad_memory_config_names_what_is_valid(bad):
     with pytest.raises(ValueError):
         MemoryConfig(**bad)
+
+
+def counted_flops(kernel: str, n: int, train: bool, **config) -> tuple[int, set[str]]:
+    """FlopCounterMode's total over a NeuralMemory forward in inference, or a training step's forward and
+    backward, and the operators it counted."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(32, MemoryConfig(kernel=kernel, **config))
+    x = torch.randn(2, n, 32, requires_grad=train)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+        y = layer(x)[0]
+        if train:
+            y.square().sum().backward()
+    return counter.get_total_flops(), {str(op) for op, flops in counter.get_flop_counts()["Global"].items() if flops}
+
+
+@needs_native
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "forward+backward"])
+@pytest.mark.parametrize("n,config", [(64, {}), (37, {"depth": 3, "chunk": 32, "read_chunk": 8}),
+                                      (45, {"depth": 1, "chunk": 8, "clip": 0.0})])
+def test_flop_counter_counts_the_compiled_operators_as_the_torch_path_it_times(n, config, train):
+    # the compiled run is counted on its own operators (their FLOP formulas), not on a torch fallback
+    torch_flops, _ = counted_flops("torch", n, train, **config)
+    native_flops, ops = counted_flops("native", n, train, **config)
+    scan = "titans_bench.scan_read_recorded" if train else "titans_bench.scan_read"
+    assert {scan, "titans_bench.coefficients"} <= ops and ("titans_bench.scan_read_backward" in ops) == train
+    assert native_flops == torch_flops
+
+
+def operator_cases():
+    """Each compiled operator with small fp64 inputs: the forwards with gradients wanted (autograd registered) or
+    not (scan_read, inference only), the backwards on what their forwards give."""
+    g = torch.Generator().manual_seed(6)
+
+    def rnd(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    states, anchor, *rest = pairs_major(scan_case(torch.float64))
+    scan = [[t.clone().requires_grad_(True) for t in states], [t.clone().requires_grad_(True) for t in anchor],
+            *(t.contiguous().requires_grad_(True) for t in rest)]
+    detached = [[t.detach() for t in scan[0]], [t.detach() for t in scan[1]], *(t.detach() for t in scan[2:])]
+    y, end, path, zs, ds, scales = native.scan_read_recorded(*detached, 0.3)
+    anchor, (k, _, write, mix, q, G, BBC) = detached[1], detached[2:]
+    gates = [rnd(3, 4, 8) for _ in range(3)]
+    co = [t.detach() for t in native.coefficients(*gates)]
+    conv = [rnd(2, 2, 12), rnd(2, 5, 12), rnd(3, 12), rnd(12)]
+    gate = [rnd(2, 2, 5, 3), rnd(3), rnd(2, 5, 6)]
+    ops = torch.ops.titans_bench
+    return [
+        (ops.scan_read_recorded, (*scan, 0.3)), (ops.scan_read, (*detached, 0.0)), (ops.coefficients, gates),
+        (ops.conv_activate_normalise, (*conv, 2)), (ops.norm_gate, (*gate, 1e-6)),
+        (ops.scan_read_backward, (anchor, k, write, mix, path, zs, ds, q, G, BBC, rnd(*y.shape, grad=False),
+                                  [rnd(*e.shape, grad=False) for e in end], scales, 0.3)),
+        (ops.coefficients_backward, (*(t.detach() for t in gates), *(rnd(*c.shape, grad=False) for c in co))),
+        (ops.conv_activate_normalise_backward, (*(t.detach() for t in conv), [rnd(2, 2, 5, 2, grad=False)] * 3)),
+        (ops.norm_gate_backward, (*(t.detach() for t in gate), 1e-6, rnd(2, 5, 6, grad=False))),
+    ]
+
+
+@needs_native
+def test_compiled_operators_pass_torchs_operator_checks():
+    # schema, shape functions against the real outputs, autograd registration, tracing with dynamic shapes
+    for op, args in operator_cases():
+        assert set(torch.library.opcheck(op, args).values()) == {"SUCCESS"}, op

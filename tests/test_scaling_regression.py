@@ -100,7 +100,7 @@ def test_gate_fails_when_window_attention_builds_the_full_matrix(monkeypatch, tr
 
 def test_gate_fails_when_the_memory_runs_as_a_token_loop(transformer_time):
     with pytest.raises(AssertionError, match="ops_per_token"):
-        check_scaling(models.build("lmm", memory_path="reference"), transformer_time)
+        check_scaling(models.build("lmm", **{"memory.path": "reference"}), transformer_time)
 
 
 def check_parts(hybrid: str) -> dict:

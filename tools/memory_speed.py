@@ -9,8 +9,8 @@ reads after each token's write); titans-pytorch takes every inner gradient at th
 unless a batch size is set, pools the gates per chunk and reads chunk-end weights only. `--anchored` adds it
 with batch_size = chunk, which anchors each chunk's gradients at the previous chunk's end as ours does (it still
 pools gates and reads chunk-end weights): the same gradient rule, side by side. `--kernel` picks our
-memory kernel (default: compiled where usable). Forward work is counted by FlopCounterMode, under which our
-layer runs its torch loops: the compiled ones do the same products, invisibly to the counter.
+memory kernel (default: compiled where usable). Forward work is counted by FlopCounterMode, which counts our
+compiled operators by FLOP formulas equal to the torch loops' count of the same products.
 
 For each (chunk, n) cell the implementations are timed interleaved, repeat after repeat, so that all of
 them see the same phases of a shared machine, and the best of `--repeats` runs after a warm-up counts: the
@@ -29,8 +29,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import native_scan
-from models.neural_memory import KERNELS, MemoryConfig, NeuralMemory
+from models.memory import KERNELS, MemoryConfig, NeuralMemory, native
 
 ANCHORED = "titans-pytorch/anchored"
 # titans-pytorch anchored concatenates each chunk's weights onto all earlier ones (bytes allocated quadratic in
@@ -171,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threads {args.threads}, batch {args.batch}, D {args.dim}, heads {args.heads}, depth {args.depth}, "
           f"kernel {args.kernel}, best of {args.repeats}; fp32 matmul peak {peak:.0f} GFLOP/s")
     if args.kernel != "torch":
-        print(f"memory loops: {native_scan.describe()}")
+        print(f"memory loops: {native.describe()}")
     impls = {"ours": functools.partial(ours, kernel=args.kernel)} | (
         {"titans-pytorch": titans_pytorch} if args.titans_pytorch else {}) | (
         {ANCHORED: functools.partial(titans_pytorch, anchored=True)} if args.anchored else {})

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.neural_memory import MemoryConfig, NeuralMemory
+from models.memory import MemoryConfig, NeuralMemory
 
 DIAGNOSTICS = ("inner_loss", "grad_norm", "surprise_norm", "surprise_entropy", "memory_norm")
 PATTERNS, FOLLOW = 32, 0.75

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from models import native_scan
+from models.memory import native
 
 
 def cpu_name() -> str:
@@ -56,7 +56,7 @@ def collect(threads: int, device: str) -> dict[str, Any]:
         "threads": threads,
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "memory_kernel": native_scan.describe() if device == "cpu" else "torch loops",
+        "memory_kernel": native.describe() if device == "cpu" else "torch loops",
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),
     }

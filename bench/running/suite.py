@@ -30,7 +30,7 @@ from bench.measuring.profile import METRICS, MODES, ProfileConfig
 from bench.measuring.train import TrainConfig
 from bench.running.cells import Cell
 from models.config import ConfigError, Rule, above, at_least, check, each, make_config, one_of
-from models.neural_memory import RULES, MemoryConfig
+from models.memory import RULES, MemoryConfig
 
 SUITES_DIR = Path(__file__).parent.parent / "suites"
 SECTIONS = ("train", "profile", "stream", "dynamics")

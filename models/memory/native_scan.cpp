@@ -1,4 +1,4 @@
-// The chunk loops of the chunk-parallel memory, compiled: models/neural_memory.py's scan_keys with the reads
+// The chunk loops of the chunk-parallel memory, compiled: models/memory/chunked.py's scan_keys with the reads
 // of read_chunks done during the scan, their backward in one reverse pass, and chunk_coefficients with its
 // backward; the same math and the same tensor layouts (see there for the derivation). At the end, the layer's
 // pointwise work around the scan, with its backward. Every (batch, head) pair is an independent recurrence, so the
@@ -210,7 +210,7 @@ struct Scratch {
 
 // The queries of one sub-chunk, layer by layer: z = B_t x W + BC_t x S - sum_i G[t, i] (x . h_i) d_i, from the
 // state (W; S) before the sub-chunk, with h_i and d_i the layer inputs and signals of the sub-chunk's keys
-// (neural_memory.read_chunks). Leaves every layer's input x_l and pre-activation z_l in the scratch.
+// (chunked.read_chunks). Leaves every layer's input x_l and pre-activation z_l in the scratch.
 template <typename T>
 void read_queries(const Dims& d, Scratch<T>& w, const std::vector<const T*>& state, const std::vector<const T*>& h,
                   const std::vector<const T*>& dd, const T* q, const T* g, const T* bbc, T* y) {
@@ -298,7 +298,7 @@ void read_backward(const Dims& d, Scratch<T>& w, const std::vector<const T*>& st
 }
 
 // Key t's gradient at the anchor is, per layer, the outer product h_l^T d_l: its squared norm is
-// n^2 = sum_l |h_l|^2 |d_l|^2. Above `bound`, every d_l of the key is scaled by c = bound / n (neural_memory's
+// n^2 = sum_l |h_l|^2 |d_l|^2. Above `bound`, every d_l of the key is scaled by c = bound / n (chunked's
 // clip_scales); returns c, 1 where nothing was clipped.
 template <typename T, typename H, typename D>
 T clip_key(const Dims& d, const H& h, const D& dl, i64 t, T bound) {
@@ -317,7 +317,7 @@ T clip_key(const Dims& d, const H& h, const D& dl, i64 t, T bound) {
     return scale;
 }
 
-// The clip's share of the backward for key t, whose clipped signals are d~_l = c d_l (neural_memory.unclip):
+// The clip's share of the backward for key t, whose clipped signals are d~_l = c d_l (chunked.unclip):
 // with b = sum_l <g_l, d~_l> / bound^2 from the gradients g_l of d~_l's uses, g_l -= b |h_l|^2 d~_l and h_l's
 // gradient gains -b |d~_l|^2 h_l. Nothing for keys that were not clipped (c = 1, constant).
 template <typename T, typename H, typename D, typename G, typename GH>
@@ -634,7 +634,7 @@ struct Backward {
     }
 };
 
-// The scalar coefficients of every sub-chunk's recurrences from its gates (neural_memory.chunk_coefficients,
+// The scalar coefficients of every sub-chunk's recurrences from its gates (chunked.chunk_coefficients,
 // the same math), and their backward. Per unit (sub-chunk, pair) of r tokens, with la, lb the cumulative
 // log eta and log keep: F[t, j] = exp(clamp(lb_t - lb_j, -80, 0)) and P[j, i] = exp(clamp(la_j - la_i, -80, 0))
 // on and below the diagonal, G = (F P) o theta, BC_t = sum_j F[t, j] exp(la_j), B_t = exp(lb_t).
