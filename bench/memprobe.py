@@ -1,4 +1,6 @@
-"""Subprocess entry for one memory measurement: `python -m bench.memprobe '<json request>'`.
+"""Subprocess entry for one memory measurement: `python -m bench.memprobe '<json request>'`, the request being
+{"cell": a memory profile or stream cell as Cell.as_dict writes it, "mode": the profile mode to measure (forward
+or train; null for a stream), "device", "threads"} (bench.profile.probe builds it).
 Prints one JSON line: peak_bytes (above the baseline), baseline_bytes, probe (which counter was used).
 A fresh process per point keeps one point's allocations from hiding another's.
 
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 
 import models
+from bench.cells import Cell
+from bench.metrics import STREAM_HEAP_FREE_BYTES, STREAM_HEAP_USED_BYTES, STREAM_PEAK_BYTES, STREAM_RSS_BYTES
 from bench.profile import make_input, step, stream
 
 
@@ -45,7 +49,7 @@ def heap() -> dict[str, int]:
         return {}
     info.restype = _MallInfo2
     m = info()
-    return {"stream_heap_used_bytes": m.uordblks + m.hblkhd, "stream_heap_free_bytes": m.fordblks}
+    return {STREAM_HEAP_USED_BYTES: m.uordblks + m.hblkhd, STREAM_HEAP_FREE_BYTES: m.fordblks}
 
 
 def _above(now: dict[str, int], base: dict[str, int]) -> dict[str, int]:
@@ -66,7 +70,7 @@ class CpuPeak:
         self.heap = heap()
 
     def snapshot(self) -> dict[str, int]:
-        return {"stream_peak_bytes": self.peak(), "stream_rss_bytes": _status_kb("VmRSS") * 1024 - self.baseline,
+        return {STREAM_PEAK_BYTES: self.peak(), STREAM_RSS_BYTES: _status_kb("VmRSS") * 1024 - self.baseline,
                 **_above(heap(), self.heap)}
 
     def peak(self) -> int:
@@ -90,8 +94,8 @@ class CudaPeak:
         torch.cuda.synchronize()
         allocated = torch.cuda.memory_allocated()
         free = torch.cuda.memory_reserved() - allocated - (self.reserved - self.baseline)
-        return {"stream_peak_bytes": self.peak(), "stream_rss_bytes": allocated - self.baseline,
-                "stream_heap_used_bytes": allocated - self.baseline, "stream_heap_free_bytes": free}
+        return {STREAM_PEAK_BYTES: self.peak(), STREAM_RSS_BYTES: allocated - self.baseline,
+                STREAM_HEAP_USED_BYTES: allocated - self.baseline, STREAM_HEAP_FREE_BYTES: free}
 
     def peak(self) -> int:
         torch.cuda.synchronize()
@@ -99,20 +103,21 @@ class CudaPeak:
 
 
 def main(request: dict) -> dict:
-    torch.set_num_threads(request.get("threads", 1))
-    device = request.get("device", "cpu")
+    torch.set_num_threads(request["threads"])
+    device, mode, cell = request["device"], request["mode"], Cell.from_dict(request["cell"])
+    run = cell.run_config
     torch.manual_seed(0)
-    model = models.build(request["model"], **request.get("config", {})).to(device)
-    if request["mode"] == "stream":
+    model = models.build(cell.model, **cell.model_config).to(device)
+    if cell.kind == "stream":
         meter = CudaPeak() if device.startswith("cuda") else CpuPeak()
-        rows = stream(model, request["total"], request["piece"], request["checkpoints"], device,
-                      request["budget_s"], meter.snapshot)
+        rows = stream(model, run.total, run.piece, list(run.checkpoints), device, run.budget_s, meter.snapshot)
         return {"rows": rows, "baseline_bytes": meter.baseline, "probe": meter.probe}
-    x = make_input(model, request["batch"], request["n"], device)
-    if request["mode"] == "train":
-        step(model, make_input(model, request["batch"], 8, device), "train")  # allocate grads before the baseline
+    batch = run.profile.batch
+    x = make_input(model, batch, run.n, device)
+    if mode == "train":
+        step(model, make_input(model, batch, 8, device), "train")  # allocate grads before the baseline
     meter = CudaPeak() if device.startswith("cuda") else CpuPeak()
-    step(model, x, request["mode"])
+    step(model, x, mode)
     return {"peak_bytes": meter.peak(), "baseline_bytes": meter.baseline, "probe": meter.probe}
 
 

@@ -21,14 +21,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import flop_counter
 
 import models
+from bench.metrics import (
+    STREAM_STATE_BYTES,
+    STREAM_TIME_S,
+    STREAM_TOKENS_PER_S,
+    profiled,
+)
 from models.attention import AttentionMixer
 from models.config import above, at_least, check
+
+if TYPE_CHECKING:
+    from bench.cells import Cell
 
 
 @dataclass(frozen=True)
@@ -102,15 +111,15 @@ def measure_time(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, 
         sync(device)
         elapsed = time.perf_counter() - start
         if elapsed > cfg.time_budget_s:
-            return [{"metric": f"time_{mode}_s", "value": elapsed, "status": "timeout"}]
+            return [{"metric": profiled("time", mode), "value": elapsed, "status": "timeout"}]
         if i >= cfg.warmup:
             times.append(elapsed)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     median = statistics.median(times)
     spread = {"q25": q[0], "q75": q[2], "repeats": len(times), "samples": times}  # every repeat: the bootstrap
     return [
-        {"metric": f"time_{mode}_s", "value": median, "status": "ok", **spread},
-        {"metric": f"tokens_per_s_{mode}", "value": cfg.batch * n / median, "status": "ok"},
+        {"metric": profiled("time", mode), "value": median, "status": "ok", **spread},
+        {"metric": profiled("tokens_per_s", mode), "value": cfg.batch * n / median, "status": "ok"},
     ]
 
 
@@ -121,18 +130,24 @@ def count_flops(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, d
             model(x)
         else:
             step(model, x, mode)
-    return [{"metric": f"flops_{mode}", "value": float(counter.get_total_flops()), "status": "ok"}]
+    return [{"metric": profiled("flops", mode), "value": float(counter.get_total_flops()), "status": "ok"}]
 
 
-def measure_memory(model_name: str, model_config: dict[str, Any], n: int, mode: str, cfg: ProfileConfig,
-                   device: str, threads: int) -> list[dict[str, Any]]:
-    """Peak memory of one step in a fresh subprocess."""
-    request = {"model": model_name, "config": model_config, "n": n, "mode": mode, "batch": cfg.batch,
-               "device": device, "threads": threads}
-    metric = f"memory_{mode}_bytes"
+def probe(cell: Cell, device: str, threads: int, timeout: float,
+          mode: str | None = None) -> subprocess.CompletedProcess:
+    """Runs bench.memprobe on a fresh process for a memory profile cell (one of its modes) or a stream cell; the
+    request is the cell as the store writes it, plus where it runs."""
+    request = {"cell": cell.as_dict(), "mode": mode, "device": device, "threads": threads}
+    return subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(request)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def measure_memory(cell: Cell, mode: str, device: str, threads: int) -> list[dict[str, Any]]:
+    """Peak memory of one step of a memory profile cell in a fresh subprocess."""
+    cfg = cell.run_config.profile
+    metric = profiled("memory", mode)
     try:
-        out = subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(request)], capture_output=True,
-                             text=True, timeout=cfg.time_budget_s * 3 + 60)
+        out = probe(cell, device, threads, cfg.time_budget_s * 3 + 60, mode)
     except subprocess.TimeoutExpired:
         return [{"metric": metric, "value": float("nan"), "status": "timeout"}]
     if out.returncode != 0:
@@ -145,27 +160,27 @@ def measure_memory(model_name: str, model_config: dict[str, Any], n: int, mode: 
              "baseline_bytes": result["baseline_bytes"], "probe": result["probe"]}]
 
 
-METRICS = ("time", "memory", "flops")
-MODES = ("forward", "train")
+METRICS = ("time", "memory", "flops")  # what a profile cell measures: each a family of bench.metrics.profiled
 
 
-def profile_point(model_name: str, model_config: dict[str, Any], n: int, metric: str, modes: list[str],
-                  cfg: ProfileConfig, device: str, threads: int) -> list[dict[str, Any]]:
-    """Rows for one (model, n, metric) point over the requested modes."""
+def profile_point(cell: Cell, device: str, threads: int) -> list[dict[str, Any]]:
+    """Rows for one profile cell (model, n, metric family) over its modes."""
+    run = cell.run_config
+    n, metric, cfg = run.n, run.metric, run.profile
     torch.manual_seed(0)
-    model = models.build(model_name, **model_config).to(device)
+    model = models.build(cell.model, **cell.model_config).to(device)
     rows: list[dict[str, Any]] = []
-    for mode in modes:
+    for mode in run.modes:
         estimate = estimate_attention_bytes(model, n, cfg.batch, mode)
         if metric != "flops" and estimate > cfg.memory_budget_mb * 2**20:
-            rows.append({"metric": f"{metric}_{mode}" + ("_s" if metric == "time" else "_bytes"),
-                         "value": float(estimate), "status": "oom", "reason": "estimated n^2 scores over budget"})
+            rows.append({"metric": profiled(metric, mode), "value": float(estimate), "status": "oom",
+                         "reason": "estimated n^2 scores over budget"})
         elif metric == "time":
             rows += measure_time(model, n, mode, cfg, device)
         elif metric == "flops":
             rows += count_flops(model, n, mode, cfg, device)
         else:
-            rows += measure_memory(model_name, model_config, n, mode, cfg, device, threads)
+            rows += measure_memory(cell, mode, device, threads)
     sizes = {"params": model.num_params(), "state_numel": model.state_numel(n)}
     return [{**row, **sizes, "n": n} for row in rows]
 
@@ -211,11 +226,11 @@ def stream(model: torch.nn.Module, total: int, piece: int, checkpoints: list[int
             elapsed = time.perf_counter() - start
             if seen == pending[0]:
                 pending.pop(0)
-                held = {"stream_state_bytes": state_bytes(state), **memory_snapshot()}
-                rows += [{"n": seen, "metric": "stream_time_s", "value": elapsed, "status": "ok"},
-                         {"n": seen, "metric": "stream_tokens_per_s", "value": seen / elapsed, "status": "ok"},
+                held = {STREAM_STATE_BYTES: state_bytes(state), **memory_snapshot()}
+                rows += [{"n": seen, "metric": STREAM_TIME_S, "value": elapsed, "status": "ok"},
+                         {"n": seen, "metric": STREAM_TOKENS_PER_S, "value": seen / elapsed, "status": "ok"},
                          *({"n": seen, "metric": k, "value": float(v), "status": "ok"} for k, v in held.items())]
             if elapsed > budget_s and pending:
-                rows.append({"n": pending[0], "metric": "stream_time_s", "value": elapsed, "status": "timeout"})
+                rows.append({"n": pending[0], "metric": STREAM_TIME_S, "value": elapsed, "status": "timeout"})
                 break
     return rows

@@ -6,8 +6,6 @@ Ctrl-C (KeyboardInterrupt) is not a cell failure: it ends the sweep, and every f
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import traceback
 from collections import deque
@@ -18,13 +16,13 @@ from tqdm import tqdm
 
 import models
 import tasks
+from bench import metrics
 from bench.cells import Cell
 from bench.dynamics import run_dynamics
-from bench.profile import ProfileConfig, profile_point
+from bench.profile import probe, profile_point
 from bench.ray_executor import run_on_ray
 from bench.store import RunStore
-from bench.train import TrainConfig, train
-from models.registry import make_config
+from bench.train import train
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
@@ -39,19 +37,18 @@ def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[
     torch.manual_seed(cell.seed)
     backbone = models.build(cell.model, **cell.model_config)
     net = task.build_network(backbone, backbone.config.d_model)
-    cfg = make_config(TrainConfig, cell.run_config, "train")
-    result = train(net, task, cfg, device, desc=f"{cell.model} on {cell.task}", progress=progress)
+    result = train(net, task, cell.run_config.train, device, desc=f"{cell.model} on {cell.task}", progress=progress)
     rows: list[dict[str, Any]] = [
-        {"metric": "train_loss", "value": result.final_loss, "status": result.status},
-        {"metric": "train_steps", "value": result.steps, "status": result.status},
-        {"metric": "train_tokens_per_s", "value": result.tokens_per_s, "status": result.status},
-        {"metric": "train_wall_s", "value": result.wall_s, "status": result.status},
+        {"metric": metrics.TRAIN_LOSS, "value": result.final_loss, "status": result.status},
+        {"metric": metrics.TRAIN_STEPS, "value": result.steps, "status": result.status},
+        {"metric": metrics.TRAIN_TOKENS_PER_S, "value": result.tokens_per_s, "status": result.status},
+        {"metric": metrics.TRAIN_WALL_S, "value": result.wall_s, "status": result.status},
     ]
     if result.best_val is not None:
-        rows.append({"metric": "best_val_loss", "value": result.best_val, "status": result.status})
+        rows.append({"metric": metrics.BEST_VAL_LOSS, "value": result.best_val, "status": result.status})
     rows += [{"metric": name, "value": value, "status": result.status}
              for name, value in result.final_validation.items()]
-    rows.append({"metric": "learning_curve", "value": result.final_loss, "status": result.status,
+    rows.append({"metric": metrics.LEARNING_CURVE, "value": result.final_loss, "status": result.status,
                  "curve": result.curve()})
     if result.status == "ok":
         rows += [{**row, "status": "ok"} for row in task.evaluate(net, device)]
@@ -60,18 +57,12 @@ def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[
 
 
 def run_profile_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
-    r = dict(cell.run_config)
-    cfg = make_config(ProfileConfig, r.get("profile", {}), "profile")
-    rows = profile_point(cell.model, cell.model_config, r["n"], r["metric"], r["modes"], cfg, device,
-                         torch.get_num_threads())
-    return [{**row, "variant": r["metric"]} for row in rows]
+    rows = profile_point(cell, device, torch.get_num_threads())
+    return [{**row, "variant": cell.run_config.metric} for row in rows]
 
 
 def run_stream_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
-    request = {"model": cell.model, "config": cell.model_config, "mode": "stream", "device": device,
-               "threads": torch.get_num_threads(), **cell.run_config}
-    out = subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(request)], capture_output=True,
-                         text=True, timeout=cell.run_config["budget_s"] * 2 + 120)
+    out = probe(cell, device, torch.get_num_threads(), cell.run_config.budget_s * 2 + 120)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])["rows"]
@@ -79,8 +70,8 @@ def run_stream_cell(cell: Cell, device: str, progress: bool = True) -> list[dict
 
 def run_dynamics_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
     r = cell.run_config
-    return run_dynamics(r["stream"], r["rule"], r["n"], r["window"], seed=cell.seed, memory=r.get("memory"),
-                        train_steps=r.get("train_steps", 0))
+    return run_dynamics(r.stream, r.rule, r.n, r.window, seed=cell.seed, memory=dict(r.memory),
+                        train_steps=r.train_steps)
 
 
 RUNNERS = {"train": run_train_cell, "profile": run_profile_cell, "stream": run_stream_cell,
@@ -99,7 +90,7 @@ def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> li
 
 def status_row(cell: Cell, status: str, detail: str) -> dict[str, Any]:
     """The one row of a cell that failed (here or on a Ray worker); n: a profile point that failed says where."""
-    return {"n": cell.run_config.get("n"), "metric": "status", "value": float("nan"), "status": status,
+    return {"n": cell.run_config.length(), "metric": metrics.STATUS, "value": float("nan"), "status": status,
             "error": detail}
 
 
@@ -125,16 +116,16 @@ def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, pro
     bar = tqdm(total=len(todo), desc="cells", disable=not progress, dynamic_ncols=True)
 
     def skipped(cell: Cell) -> list[dict[str, Any]] | None:
-        n = cell.run_config.get("n")
+        n = cell.run_config.length()
         if cell.series in failed_at and n > failed_at[cell.series]:
-            return [{"kind": cell.kind, "model": cell.model, "n": n, "metric": cell.run_config.get("metric", ""),
+            return [{"kind": cell.kind, "model": cell.model, "n": n, "metric": cell.run_config.metric,
                      "value": float("nan"), "status": "skipped", "config": cell.as_dict(),
                      "reason": f"a smaller n ({failed_at[cell.series]}) exceeded its budget"}]
         return None
 
     def settle(cell: Cell, rows: list[dict[str, Any]]) -> None:
         if cell.series and any(r.get("status") in ("oom", "timeout", "skipped") for r in rows):
-            n = cell.run_config["n"]
+            n = cell.run_config.length()
             failed_at[cell.series] = min(failed_at.get(cell.series, n), n)
         store.append(cell.id, rows)
         bar.update(1)
