@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from bench.accuracy import extra_field
-from bench.metrics import parse_forecast_error
+from bench.metrics import TEST_MAE, TEST_MSE, forecast_error, parse_forecast_error
 
 HORIZONS = (96, 192, 336, 720)  # the papers' average is over these four
 SETTING = ["dataset", "lookback", "horizon"]
@@ -132,5 +132,5 @@ def cell_summary(rows: pd.DataFrame) -> pd.DataFrame:
         return long
     long = long.assign(column=long["split"] + "_" + long["measure"])
     wide = long.pivot_table(index=["kind", "forecaster"], columns="column", values="value").reset_index()
-    keep = [c for c in ("val_mse", "test_mse", "test_mae") if c in wide]
+    keep = [c for c in (forecast_error("val", "mse"), TEST_MSE, TEST_MAE) if c in wide]
     return wide[["forecaster", *keep]]
