@@ -380,22 +380,22 @@ def test_an_unreachable_ray_cluster_is_a_clear_error_and_leaves_no_folder(tmp_pa
                          ids=["cuda", "python", "cpu-allocator"])
 def test_cuda_and_cpu_allocation_failures_are_both_oom(monkeypatch, err):
     from bench import runner
-    from bench.cells import Cell
+    from bench.cells import Cell, ProfileRun
 
     def fail(cell, device, progress):
         raise err
 
     monkeypatch.setitem(runner.RUNNERS, "profile", fail)
-    [row] = runner.run_cell(Cell(kind="profile", model="swa", run_config={"n": 64, "metric": "memory"}), "cpu", 1)
+    [row] = runner.run_cell(Cell("swa", ProfileRun(64, "memory")), "cpu", 1)
     assert row["status"] == "oom" and row["n"] == 64
 
 
 def test_a_cell_killed_by_rays_memory_monitor_is_oom():
     ray = pytest.importorskip("ray")
-    from bench.cells import Cell
+    from bench.cells import Cell, ProfileRun
     from bench.ray_executor import failed_rows
 
-    cell = Cell(kind="profile", model="swa", run_config={"n": 512, "metric": "memory"})
+    cell = Cell("swa", ProfileRun(512, "memory"))
     [oom] = failed_rows(cell, ray.exceptions.OutOfMemoryError("killed by the memory monitor"), "cpu", 1)
     [crash] = failed_rows(cell, ray.exceptions.WorkerCrashedError(), "cpu", 1)
     assert (oom["status"], crash["status"]) == ("oom", "error") and oom["n"] == 512  # the series skips larger n

@@ -2,6 +2,7 @@ import pandas as pd
 import pytest
 
 import models
+from bench.cells import Cell, ProfileRun
 from bench.cli import main
 from bench.profile import ProfileConfig, count_flops, profile_point, stream
 
@@ -30,9 +31,9 @@ def test_flops_grow_linearly_for_linear_models_and_quadratically_for_attention(n
 
 
 def test_fresh_process_memory_shows_the_naive_n2_term():
-    cfg = ProfileConfig()
-    naive = profile_point("transformer-naive", {}, 2048, "memory", ["forward"], cfg, "cpu", 1)[0]
-    sdpa = profile_point("transformer", {}, 2048, "memory", ["forward"], cfg, "cpu", 1)[0]
+    run = ProfileRun(2048, "memory", ("forward",))
+    naive = profile_point(Cell("transformer-naive", run), "cpu", 1)[0]
+    sdpa = profile_point(Cell("transformer", run), "cpu", 1)[0]
     assert naive["status"] == sdpa["status"] == "ok"
     assert naive["value"] > 3 * sdpa["value"]  # 4 heads x 2048^2 x 4 B x 2 = 134 MB of scores
 
