@@ -27,12 +27,7 @@ import torch
 from torch.utils import flop_counter
 
 import models
-from bench.metrics import (
-    STREAM_STATE_BYTES,
-    STREAM_TIME_S,
-    STREAM_TOKENS_PER_S,
-    profiled,
-)
+from bench.metrics import STREAM_STATE_BYTES, STREAM_TIME_S, STREAM_TOKENS_PER_S, profiled
 from models.attention import AttentionMixer
 from models.config import above, at_least, check
 

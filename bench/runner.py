@@ -116,11 +116,11 @@ def run_cells(cells: list[Cell], store: RunStore, device: str, threads: int, pro
     bar = tqdm(total=len(todo), desc="cells", disable=not progress, dynamic_ncols=True)
 
     def skipped(cell: Cell) -> list[dict[str, Any]] | None:
-        n = cell.run_config.length()
-        if cell.series in failed_at and n > failed_at[cell.series]:
-            return [{"kind": cell.kind, "model": cell.model, "n": n, "metric": cell.run_config.metric,
+        run = cell.run_config
+        if cell.series in failed_at and run.n > failed_at[cell.series]:
+            return [{"kind": cell.kind, "model": cell.model, "n": run.n, "metric": metrics.profiled(run.metric, mode),
                      "value": float("nan"), "status": "skipped", "config": cell.as_dict(),
-                     "reason": f"a smaller n ({failed_at[cell.series]}) exceeded its budget"}]
+                     "reason": f"a smaller n ({failed_at[cell.series]}) exceeded its budget"} for mode in run.modes]
         return None
 
     def settle(cell: Cell, rows: list[dict[str, Any]]) -> None:

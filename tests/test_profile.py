@@ -47,6 +47,7 @@ def test_points_over_budget_are_recorded_and_larger_n_skipped(tmp_path):
     naive = df[(df.model == "transformer-naive") & df.metric.str.startswith("time")].set_index("n")["status"]
     # 2 layers x 4 matrices x 4 heads x 1024^2 x 4 B = 134 MB > 60 MB
     assert naive[256] == "ok" and naive[1024] == "oom" and naive[2048] == "skipped"
+    assert set(df[df.status == "skipped"]["metric"]) == {"time_train_s"}  # a skipped point names what it skipped
     assert (df[df.model == "swa"]["status"] == "ok").all()
 
 
