@@ -29,7 +29,7 @@ def headline(task: str) -> str | None:
     return tasks.spec(task).headline if task in tasks.TASKS else None
 
 
-def ranked_tasks(frame: pd.DataFrame) -> list[str]:
+def accuracy_tasks(frame: pd.DataFrame) -> list[str]:
     """The registered tasks with rows in the run whose headline is better higher (an accuracy): the ones with
     accuracy tables and accuracy-by-length plots, in registry order."""
     seen = set(frame["task"].dropna()) if "task" in frame else set()

@@ -134,7 +134,7 @@ class DynamicsRun(RunConfig):
     def __post_init__(self):
         check(self, stream=one_of(*STREAMS), rule=one_of(*RULES), n=at_least(1), window=at_least(1),
               train_steps=at_least(0))
-        require("rule" not in self.memory, "memory sets `rule`; the rule is its own field")
+        require("rule" not in self.memory, "memory sets `rule`; list the rules in `rules` instead")
         make_config(MemoryConfig, self.memory, "dynamics memory")
 
     def as_dict(self) -> dict[str, Any]:

@@ -286,7 +286,7 @@ def streaming(frame: pd.DataFrame, out: Path) -> Path | None:
 def all_plots(frame: pd.DataFrame, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = [scaling(frame, m, out) for m in SCALING_METRICS]
-    for task in accuracy.ranked_tasks(frame):
+    for task in accuracy.accuracy_tasks(frame):
         models_ = sorted(frame[frame["task"] == task]["model"].dropna().unique())
         made += [grid_heatmap(frame, task, axis, m, out) for axis in tasks.spec(task).grid for m in models_]
         made += recall_vs_length(frame, task, out)

@@ -201,7 +201,7 @@ def build(run_dir: str | Path) -> Path:
     frame = accuracy.label_recipes(read_frame(run_dir))
     pictures = plots.all_plots(frame, run_dir / "plots")
     sections = [f"# titans-bench report — {run_dir.name}", setup_section(run_dir, frame), models_section(frame),
-                *(accuracy_section(frame, t) for t in accuracy.ranked_tasks(frame)),
+                *(accuracy_section(frame, t) for t in accuracy.accuracy_tasks(frame)),
                 forecasting_section(frame), scaling_section(frame), streaming_section(frame), claims_section(frame)]
     if pictures:
         sections.append("## Plots\n\n" + "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in pictures))

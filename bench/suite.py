@@ -32,7 +32,7 @@ from bench.metrics import MODES
 from bench.profile import METRICS, ProfileConfig
 from bench.train import TrainConfig
 from models.config import ConfigError, Rule, above, at_least, check, each, make_config, one_of
-from models.neural_memory import RULES, MemoryConfig
+from models.neural_memory import RULES
 
 SUITES_DIR = Path(__file__).parent / "suites"
 SECTIONS = ("train", "profile", "stream", "dynamics")
@@ -159,9 +159,6 @@ def stream_cells(where: str, shared: dict[str, Any], entry: StreamEntry) -> list
 
 
 def dynamics_cells(where: str, shared: dict[str, Any], entry: DynamicsEntry) -> list[Cell]:
-    if "rule" in entry.memory:
-        raise SuiteError(f"{where}: memory sets `rule`; list the rules in `rules` instead")
-    make_config(MemoryConfig, entry.memory, "dynamics memory")
     return [Cell(model=DYNAMICS_MODEL, seed=seed, run_config=DynamicsRun(stream, rule, entry.n, entry.window,
                                                                            entry.memory, entry.train_steps))
             for stream in entry.streams for rule in entry.rules for seed in entry.seeds]
