@@ -4,15 +4,17 @@ profile point). Its id is a hash of its full config: reruns skip cells already i
 What a cell runs is typed: one frozen, validated run config per kind (TrainRun, ProfileRun, StreamRun,
 DynamicsRun; the kind is the run config's), read by the runner of that kind as attributes. `as_dict` writes a cell
 in the shape the store's `config` column holds, and `Cell.from_dict` reads it back (bench.measuring.memprobe's
-request is a cell so written). Nested option tables (a training or profile config) are written as the options that
-differ from their defaults, which is what a suite gives, so the id of an unchanged cell stays what it was."""
+request is a cell so written). A nested option table (a training or profile config) keeps the options as the suite
+gave them, which is what is stored and hashed (defaults spelt out and integers stay as written, so the id of a
+cell is the one it had when run configs were plain dicts), and is built into its typed config once, at
+construction: the runners read the typed config."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bench.measuring.dynamics import STREAMS
@@ -21,11 +23,6 @@ from bench.measuring.train import TrainConfig
 from bench.metrics import MODES
 from models.config import above, at_least, check, each, make_config, one_of, require
 from models.memory import RULES, MemoryConfig
-
-
-def overrides(config: Any) -> dict[str, Any]:
-    """The fields of a config dataclass that differ from their defaults."""
-    return {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) != f.default}
 
 
 class RunConfig(ABC):
@@ -53,14 +50,18 @@ class RunConfig(ABC):
 @dataclass(frozen=True)
 class TrainRun(RunConfig):
     kind: ClassVar[str] = "train"
-    train: TrainConfig = TrainConfig()
+    options: dict[str, Any] = field(default_factory=dict)  # TrainConfig options, as given
+    train: TrainConfig = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "train", make_config(TrainConfig, self.options, "train"))
 
     def as_dict(self) -> dict[str, Any]:
-        return overrides(self.train)
+        return dict(self.options)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainRun:
-        return cls(make_config(TrainConfig, data, "train"))
+        return cls(dict(data))
 
 
 @dataclass(frozen=True)
@@ -71,18 +72,19 @@ class ProfileRun(RunConfig):
     n: int
     metric: str
     modes: tuple[str, ...] = MODES
-    profile: ProfileConfig = ProfileConfig()
+    options: dict[str, Any] = field(default_factory=dict)  # ProfileConfig options, as given
+    profile: ProfileConfig = field(init=False)
 
     def __post_init__(self):
         check(self, n=at_least(1), metric=one_of(*METRICS), modes=each(one_of(*MODES)))
+        object.__setattr__(self, "profile", make_config(ProfileConfig, self.options, "profile"))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "metric": self.metric, "modes": list(self.modes), "profile": overrides(self.profile)}
+        return {"n": self.n, "metric": self.metric, "modes": list(self.modes), "profile": dict(self.options)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProfileRun:
-        return cls(data["n"], data["metric"], tuple(data.get("modes", MODES)),
-                   make_config(ProfileConfig, data.get("profile", {}), "profile"))
+        return cls(data["n"], data["metric"], tuple(data.get("modes", MODES)), dict(data.get("profile", {})))
 
     def length(self) -> int:
         return self.n

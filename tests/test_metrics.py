@@ -89,21 +89,24 @@ def test_a_cell_reads_back_from_its_stored_form_with_the_same_id(tiny_run):
     assert stored == {"train", "profile", "stream", "dynamics"}
 
 
-def test_run_configs_store_the_dict_shapes_ids_were_hashed_from():
-    """The ids of cells written before run configs were typed stay the same: the stored shapes are unchanged."""
-    assert TrainRun(TrainConfig(steps=400, lr=3e-3)).as_dict() == {"steps": 400}  # lr is the default
-    assert ProfileRun(256, "time", ("forward",)).as_dict() == {"n": 256, "metric": "time", "modes": ["forward"],
-                                                               "profile": {}}
-    assert StreamRun((16, 64), 16, 60.0).as_dict() == {"total": 64, "piece": 16, "checkpoints": [16, 64],
-                                                       "budget_s": 60.0}
-    assert DynamicsRun("shift", "seed", 512, 64).as_dict() == {"stream": "shift", "rule": "seed", "n": 512,
-                                                               "window": 64, "memory": {}}
-    assert "train_steps" in DynamicsRun("shift", "seed", train_steps=5).as_dict()
+def test_typed_cells_keep_the_ids_they_had_as_dicts():
+    """Ids computed before run configs were typed (from the dict shapes the suite built then): options a suite spelt
+    out are kept as written, defaults and integers included, so a resume still finds the cells of an older run."""
+    train = TrainRun({"steps": 400, "lr": 0.003})  # lr is the default, and stays in the stored options
+    assert train.train == TrainConfig(steps=400) and train.as_dict() == {"steps": 400, "lr": 0.003}
+    profile = ProfileRun(256, "time", ("forward",), {"repeats": 3, "time_budget_s": 120})
+    assert profile.profile.time_budget_s == 120.0 and profile.as_dict()["profile"]["time_budget_s"] == 120
+    assert Cell("lmm", train, task="copy").id == "bb829fff17509eb9"
+    assert Cell("lmm", profile).id == "047b5a361afc4497"
+    assert Cell("lmm", StreamRun((16, 64), 16, 60.0)).id == "2efb18a7b55b20ad"
+    assert Cell("lmm", DynamicsRun("shift", "seed", 512, 64, train_steps=5), seed=1).id == "b3d4b24199ff2fdc"
 
 
 @pytest.mark.parametrize("make, message", [
     (lambda: ProfileRun(0, "time"), "n=0"),
     (lambda: ProfileRun(64, "energy"), "metric='energy'"),
+    (lambda: ProfileRun(64, "time", options={"repeatz": 2}), "repeatz"),
+    (lambda: TrainRun({"steps": 0}), "steps=0"),
     (lambda: StreamRun((64, 16)), "must ascend"),
     (lambda: DynamicsRun("stationary", "titans", memory={"rule": "seed"}), "memory sets `rule`"),
     (lambda: DynamicsRun("stationary", "titans", memory={"chunkz": 4}), "chunkz"),

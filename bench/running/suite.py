@@ -28,8 +28,7 @@ import models
 import tasks
 from bench.cells import Cell, DynamicsRun, ProfileRun, StreamRun, TrainRun
 from bench.measuring.dynamics import STREAMS
-from bench.measuring.profile import METRICS, ProfileConfig
-from bench.measuring.train import TrainConfig
+from bench.measuring.profile import METRICS
 from bench.metrics import MODES
 from models.config import ConfigError, Rule, above, at_least, check, each, make_config, one_of
 from models.memory import RULES
@@ -140,15 +139,14 @@ def _models(where: str, shared: dict[str, Any], entry: Any) -> list[tuple[str, d
 
 def train_cells(where: str, shared: dict[str, Any], entry: TrainEntry) -> list[Cell]:
     tasks.build(entry.task, **entry.task_config)
-    run = TrainRun(make_config(TrainConfig, entry.train_config, "train"))
+    run = TrainRun.from_dict(entry.train_config)
     return [Cell(model=model, run_config=run, task=entry.task, seed=seed, model_config=cfg,
                  task_config=dict(entry.task_config))
             for model, cfg in _models(where, shared, entry) for seed in entry.seeds]
 
 
 def profile_cells(where: str, shared: dict[str, Any], entry: ProfileEntry) -> list[Cell]:
-    profile = make_config(ProfileConfig, entry.profile, "profile")
-    return [Cell(model=model, model_config=cfg, run_config=ProfileRun(n, metric, entry.modes, profile))
+    return [Cell(model=model, model_config=cfg, run_config=ProfileRun(n, metric, entry.modes, entry.profile))
             for model, cfg in _models(where, shared, entry) for metric in entry.metrics
             for n in sorted(entry.lengths)]
 
