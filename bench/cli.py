@@ -25,9 +25,10 @@ import torch
 import models
 import tasks
 from bench.analysing import claims, compare, forecast, report
-from bench.measuring.profile import METRICS, MODES
+from bench.cells import Cell
+from bench.measuring.profile import METRICS
+from bench.metrics import LEARNING_CURVE, MODES, is_example, parse_forecast_error
 from bench.running import env, suite
-from bench.running.cells import Cell
 from bench.running.ray_executor import RayUnreachable, connect
 from bench.running.runner import run_cells
 from bench.running.store import RunStore, StoreError, read_frame
@@ -88,8 +89,8 @@ def print_rows(frame) -> None:
     training rows; the learning curve and the example forecasts stay in the CSV and the plots."""
     forecasters = forecast.cell_summary(frame)
     if not forecasters.empty:
-        frame = frame[~frame["metric"].str.match(forecast.METRIC.pattern)]
-    frame = frame[(frame["metric"] != "learning_curve") & ~frame["metric"].str.startswith("example_")]
+        frame = frame[frame["metric"].map(parse_forecast_error).isna()]
+    frame = frame[(frame["metric"] != LEARNING_CURVE) & ~frame["metric"].map(is_example)]
     cols = [c for c in ("model", "task", "n", "metric", "value", "ci_low", "ci_high", "status") if c in frame]
     with pd.option_context("display.max_rows", 1000, "display.width", 160):
         print(frame[cols].to_string(index=False))
@@ -400,8 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let --resume add the cells of a suite other than the run's (they mix in one run)")
 
     p = sub.add_parser("profile", parents=[common], help="time / memory / FLOPs of models against n")
-    p.add_argument("--models", type=parse_choices(models.names(), "model"), default=["transformer", "lmm"],
-                   help=f"comma list from {', '.join(models.names())}")
+    default_models = [models.first("attention"), models.first("memory")]
+    p.add_argument("--models", type=parse_choices(models.names(), "model"), default=default_models,
+                   help=f"comma list from {', '.join(models.names())} (default: the first attention and the first "
+                        f"memory model, {','.join(default_models)})")
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("256:4096"), help="LOW:HIGH or a,b,c")
     p.add_argument("--metrics", type=parse_choices(METRICS, "metric"), default=list(METRICS),
                    help=f"comma list from {', '.join(METRICS)}")

@@ -75,6 +75,15 @@ def in_family(*families: str) -> list[str]:
     return [name for name, s in MODELS.items() if s.family in families]
 
 
+def first(family: str) -> str:
+    """The first registered model of a family: the one that stands for it where a command needs a single model
+    (the profile command's default models, the parts a hybrid is timed against, the report's baseline)."""
+    members = in_family(family)
+    if not members:
+        raise KeyError(f"no registered model of family {family!r}")
+    return members[0]
+
+
 def declared(name: str, **overrides: Any) -> Complexity:
     """The complexity the model declares under this config (built on the CPU; the configs here are small)."""
     return build(name, **overrides).complexity

@@ -1,5 +1,6 @@
 """The task contract. A task owns its data (deterministic from a seed), the input embedding, the output
-head and the loss, so any backbone runs on any task. Tasks never import the harness."""
+head and the loss, so any backbone runs on any task. Tasks never import the harness, except bench.metrics (the
+names of the metrics they write, a module that imports nothing of the project)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from bench.metrics import EXACT_MATCH, TOKEN_ACCURACY, VAL_ACCURACY, VAL_LOSS
 
 
 @dataclass
@@ -86,16 +89,15 @@ def token_loss(outputs: Tensor, batch: Batch) -> Tensor:
 
 def accuracy_rows(exact: int, correct: int, total: int, samples: int, **columns: Any) -> list[dict[str, Any]]:
     low, high = wilson_interval(exact, samples)
-    return [{**columns, "samples": samples, "metric": "exact_match", "value": exact / samples, "ci_low": low,
+    return [{**columns, "samples": samples, "metric": EXACT_MATCH, "value": exact / samples, "ci_low": low,
              "ci_high": high},
-            {**columns, "samples": samples, "metric": "token_accuracy", "value": correct / max(total, 1)}]
+            {**columns, "samples": samples, "metric": TOKEN_ACCURACY, "value": correct / max(total, 1)}]
 
 
 class Task(ABC):
     name: str
     config: Any
-    headline: str  # the test metric that says how well a model did (reported per model, judged by claim C9)
-    validation_headline: str = "exact_match"  # which answer accuracy validate() reports as val_accuracy
+    validation_headline: str = EXACT_MATCH  # which answer accuracy validate() reports as val_accuracy
 
     def prepare(self) -> None:  # noqa: B027 (a no-op by default: most tasks have no files)
         """Load and verify any data files now, so that a missing one fails before training starts."""
@@ -143,8 +145,8 @@ class Task(ABC):
             exact, correct, answers = exact + hits[0], correct + hits[1], answers + hits[2]
             rows += batch.inputs.shape[0]
         net.train(was_training)
-        accuracy = exact / rows if self.validation_headline == "exact_match" else correct / max(answers, 1)
-        return {"val_loss": loss / rows, "val_accuracy": accuracy}
+        accuracy = exact / rows if self.validation_headline == EXACT_MATCH else correct / max(answers, 1)
+        return {VAL_LOSS: loss / rows, VAL_ACCURACY: accuracy}
 
     def tokens(self, batch: Batch) -> int:
         return batch.inputs.shape[0] * batch.inputs.shape[1]

@@ -45,7 +45,6 @@ class CopyConfig:
 
 class CopyTask(TokenTask):
     name = "copy"
-    headline = "exact_match"
 
     def __init__(self, config: CopyConfig):
         self.config = config

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from bench.metrics import EXACT_MATCH, QUERY_ACCURACY, QUERY_ACCURACY_BY_DISTANCE
 from tasks.base import (
     IGNORE,
     SPLITS,
@@ -85,8 +86,7 @@ def distance_bin(distance: int) -> int:
 
 class MqarTask(TokenTask):
     name = "mqar"
-    headline = "query_accuracy"
-    validation_headline = "query_accuracy"  # every answer is one token: answer-token accuracy
+    validation_headline = QUERY_ACCURACY  # every answer is one token: answer-token accuracy
 
     def __init__(self, config: MqarConfig):
         self.config = config
@@ -151,13 +151,13 @@ class MqarTask(TokenTask):
             low, high = wilson_interval(hits, queries)
             common = {"n": length, "pairs": pairs, "trained_length": c.length(c.pairs[1], c.gap[1]),
                       "trained_pairs": c.pairs[1]}
-            rows.append({**common, "metric": "query_accuracy", "value": hits / queries, "ci_low": low,
+            rows.append({**common, "metric": QUERY_ACCURACY, "value": hits / queries, "ci_low": low,
                          "ci_high": high, "samples": queries})
             low, high = wilson_interval(exact, c.eval_samples)
-            rows.append({**common, "metric": "exact_match", "value": exact / c.eval_samples, "ci_low": low,
+            rows.append({**common, "metric": EXACT_MATCH, "value": exact / c.eval_samples, "ci_low": low,
                          "ci_high": high, "samples": c.eval_samples})
         for (length, distance), (hit, total) in sorted(by_distance.items()):
             low, high = wilson_interval(hit, total)
-            rows.append({"n": length, "distance": distance, "metric": "query_accuracy_by_distance",
+            rows.append({"n": length, "distance": distance, "metric": QUERY_ACCURACY_BY_DISTANCE,
                          "value": hit / total, "ci_low": low, "ci_high": high, "samples": total})
         return rows

@@ -80,7 +80,6 @@ class NiahConfig:
 
 class NiahTask(Task):
     name = "niah"
-    headline = "exact_match"
 
     def __init__(self, config: NiahConfig):
         self.config = config

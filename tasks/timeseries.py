@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from bench.metrics import VAL_LOSS, example, forecast_error
 from models.config import at_least, check, one_of, require
 from tasks.base import SPLITS, Batch, Task, generator
 from tasks.data import locate
@@ -118,7 +119,6 @@ _FITTED: dict[tuple, dict[str, tuple[nn.Module, dict[str, Any]]]] = {}  # per da
 
 class TimeseriesTask(Task):
     name = "timeseries"
-    headline = "test_mse"
 
     def __init__(self, config: TimeseriesConfig):
         self.config = config
@@ -211,7 +211,7 @@ class TimeseriesTask(Task):
         net.eval()
         loss = self.split_mse(self.model_forecaster(net, device), "val")
         net.train(was_training)
-        return {"val_loss": loss}
+        return {VAL_LOSS: loss}
 
     def fit_reference(self, name: str) -> tuple[nn.Module, dict[str, Any]]:
         """A learned reference fitted on the train split by its recipe: the epoch of the lowest validation MSE is
@@ -274,10 +274,10 @@ class TimeseriesTask(Task):
             sums, windows = self.split_errors(forecasters, split)
             count = windows * c.horizon * self.data.shape[1]
             for name, (sq, ab) in sums.items():
-                suffix = "" if name == "model" else f"_{name}"  # e.g. test_mse, test_mse_dlinear
+                reference = None if name == "model" else name  # e.g. test_mse, test_mse_dlinear
                 extra = {**common, "windows": windows, **({"fit": fits[name]} if name in fits else {})}
-                rows.append({**extra, "metric": f"{split}_mse{suffix}", "value": float(sq) / count})
-                rows.append({**extra, "metric": f"{split}_mae{suffix}", "value": float(ab) / count})
+                rows.append({**extra, "metric": forecast_error(split, "mse", reference), "value": float(sq) / count})
+                rows.append({**extra, "metric": forecast_error(split, "mae", reference), "value": float(ab) / count})
         return rows + self.example_rows(forecasters)
 
     @torch.inference_mode()
@@ -288,11 +288,11 @@ class TimeseriesTask(Task):
         c = self.config
         test = self.windows("test")
         batch = self.batch_at([test[len(test) // 2]])
-        series = {"example_input": (range(-c.lookback, 0), batch.inputs[0, :, -1]),
-                  "example_target": (range(c.horizon), batch.targets[0, :, -1])}
+        series = {example("input"): (range(-c.lookback, 0), batch.inputs[0, :, -1]),
+                  example("target"): (range(c.horizon), batch.targets[0, :, -1])}
         for name, forecast in forecasters.items():
-            suffix = "" if name == "model" else f"_{name}"
-            series[f"example_forecast{suffix}"] = (range(c.horizon), forecast(batch.inputs)[0, :, -1])
+            series[example("forecast", None if name == "model" else name)] = (range(c.horizon),
+                                                                              forecast(batch.inputs)[0, :, -1])
         common = {"variant": self.variant, "dataset": c.dataset, "horizon": c.horizon, "lookback": c.lookback}
         return [{**common, "n": offset, "metric": metric, "value": float(v)}
                 for metric, (offsets, values) in series.items() for offset, v in zip(offsets, values, strict=True)]

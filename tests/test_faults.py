@@ -379,23 +379,23 @@ def test_an_unreachable_ray_cluster_is_a_clear_error_and_leaves_no_folder(tmp_pa
                                  MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")],
                          ids=["cuda", "python", "cpu-allocator"])
 def test_cuda_and_cpu_allocation_failures_are_both_oom(monkeypatch, err):
+    from bench.cells import Cell, ProfileRun
     from bench.running import execute
-    from bench.running.cells import Cell
 
     def fail(cell, device, progress):
         raise err
 
     monkeypatch.setitem(execute.RUNNERS, "profile", fail)
-    [row] = execute.run_cell(Cell(kind="profile", model="swa", run_config={"n": 64, "metric": "memory"}), "cpu", 1)
+    [row] = execute.run_cell(Cell("swa", ProfileRun(64, "memory")), "cpu", 1)
     assert row["status"] == "oom" and row["n"] == 64
 
 
 def test_a_cell_killed_by_rays_memory_monitor_is_oom():
     ray = pytest.importorskip("ray")
-    from bench.running.cells import Cell
+    from bench.cells import Cell, ProfileRun
     from bench.running.ray_executor import failed_rows
 
-    cell = Cell(kind="profile", model="swa", run_config={"n": 512, "metric": "memory"})
+    cell = Cell("swa", ProfileRun(512, "memory"))
     [oom] = failed_rows(cell, ray.exceptions.OutOfMemoryError("killed by the memory monitor"), "cpu", 1)
     [crash] = failed_rows(cell, ray.exceptions.WorkerCrashedError(), "cpu", 1)
     assert (oom["status"], crash["status"]) == ("oom", "error") and oom["n"] == 512  # the series skips larger n
@@ -481,15 +481,13 @@ def test_a_fresh_process_probe_returns_its_last_line_and_runs_with_the_allocator
 
 
 def test_a_stream_cell_whose_process_is_killed_is_an_oom_row(monkeypatch):
+    from bench.cells import Cell, StreamRun
+    from bench.measuring.isolated import ProbeFailed
     from bench.running import execute
-    from bench.running.cells import Cell
 
     def killed(*args, **kwargs):
-        from bench.measuring.isolated import ProbeFailed
         raise ProbeFailed("oom", "exit -9")
 
     monkeypatch.setattr(execute, "measure_stream", killed)
-    cell = Cell(kind="stream", model="lmm", run_config={"total": 64, "piece": 32, "checkpoints": [64],
-                                                        "budget_s": 10})
-    [row] = execute.run_cell(cell, "cpu", 1)
+    [row] = execute.run_cell(Cell("lmm", StreamRun((32, 64), piece=32, budget_s=10)), "cpu", 1)
     assert row["status"] == "oom" and row["error"] == "exit -9" and row["model"] == "lmm"

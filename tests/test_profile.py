@@ -2,6 +2,7 @@ import pandas as pd
 import pytest
 
 import models
+from bench.cells import Cell, ProfileRun
 from bench.cli import main
 from bench.measuring.profile import ProfileConfig, count_flops, profile_point
 from bench.measuring.streaming import stream
@@ -31,9 +32,9 @@ def test_flops_grow_linearly_for_linear_models_and_quadratically_for_attention(n
 
 
 def test_fresh_process_memory_shows_the_naive_n2_term():
-    cfg = ProfileConfig()
-    naive = profile_point("transformer-naive", {}, 2048, "memory", ["forward"], cfg, "cpu", 1)[0]
-    sdpa = profile_point("transformer", {}, 2048, "memory", ["forward"], cfg, "cpu", 1)[0]
+    run = ProfileRun(2048, "memory", ("forward",))
+    naive = profile_point(Cell("transformer-naive", run), "cpu", 1)[0]
+    sdpa = profile_point(Cell("transformer", run), "cpu", 1)[0]
     assert naive["status"] == sdpa["status"] == "ok"
     assert naive["value"] > 3 * sdpa["value"]  # 4 heads x 2048^2 x 4 B x 2 = 134 MB of scores
 
@@ -47,6 +48,7 @@ def test_points_over_budget_are_recorded_and_larger_n_skipped(tmp_path):
     naive = df[(df.model == "transformer-naive") & df.metric.str.startswith("time")].set_index("n")["status"]
     # 2 layers x 4 matrices x 4 heads x 1024^2 x 4 B = 134 MB > 60 MB
     assert naive[256] == "ok" and naive[1024] == "oom" and naive[2048] == "skipped"
+    assert set(df[df.status == "skipped"]["metric"]) == {"time_train_s"}  # a skipped point names what it skipped
     assert (df[df.model == "swa"]["status"] == "ok").all()
 
 

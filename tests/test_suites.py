@@ -19,7 +19,7 @@ def test_models_compared_on_a_task_have_matched_parameter_counts(name):
     groups = defaultdict(dict)
     for cell in loaded.cells:
         if cell.kind == "train":
-            key = json.dumps([cell.task, cell.task_config, cell.run_config], sort_keys=True, default=list)
+            key = json.dumps([cell.task, cell.task_config, cell.run_config.as_dict()], sort_keys=True, default=list)
             groups[key][cell.model] = models.build(cell.model, **cell.model_config).num_params()
     for key, params in groups.items():
         if len(params) > 1:

@@ -1,9 +1,10 @@
 """What a run says about accuracy, computed once for the report, the plots and the claims ledger.
 
-Each task names its headline metric (`Task.headline` in the task registry: exact_match for copy and niah,
-query_accuracy for mqar, test_mse for timeseries). Per model, task, seed and length n the headline is pooled over
-the task's other grid axes (the needle depths of niah, weighting each cell by its samples); for mqar the length
-curve is the slice at the largest trained pair count, and the full (pairs x length) grid has its own heatmap.
+Each task names its headline metric in the task registry (`TaskSpec.headline`: exact_match for copy and niah,
+query_accuracy for mqar, test_mse for timeseries; its direction is the metric's, bench/metrics.py). Per model,
+task, seed and length n the headline is pooled over the task's other grid axes (the needle depths of niah,
+weighting each cell by its samples); for mqar the length curve is the slice at the largest trained pair count,
+and the full grid (each axis the task declares x length) has its own heatmap.
 Across seeds a model's value at n is the seeds' mean, with their range as the spread: a difference between two
 models is called only where those ranges separate. With a single seed, the 95 % Wilson interval of the pooled
 answers stands in for the range; a single seed of an error metric (forecast MSE) has no spread and decides
@@ -19,18 +20,20 @@ import numpy as np
 import pandas as pd
 
 import tasks
+from bench import metrics
 from tasks.base import wilson_interval
-
-LOWER_IS_BETTER = ("mse", "mae", "loss")
 
 
 def headline(task: str) -> str | None:
     """The task's headline metric, from the registry (None for a task that is not registered)."""
-    return getattr(tasks.TASKS[task].task_cls, "headline", None) if task in tasks.TASKS else None
+    return tasks.spec(task).headline if task in tasks.TASKS else None
 
 
-def higher_is_better(metric: str) -> bool:
-    return not any(part in metric for part in LOWER_IS_BETTER)
+def accuracy_tasks(frame: pd.DataFrame) -> list[str]:
+    """The registered tasks with rows in the run whose headline is better higher (an accuracy): the ones with
+    accuracy tables and accuracy-by-length plots, in registry order."""
+    seen = set(frame["task"].dropna()) if "task" in frame else set()
+    return [t for t, s in tasks.TASKS.items() if t in seen and s.higher_is_better]
 
 
 def extra_field(frame: pd.DataFrame, key: str) -> pd.Series:
@@ -150,7 +153,8 @@ def cost_table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     for (variant, model), g in rows.groupby(["variant", "model"]):
         means = g.groupby("metric")["value"].mean()
         steps, rate, wall, val = (float(means.get(name, math.nan)) for name in
-                                  ("train_steps", "train_tokens_per_s", "train_wall_s", "val_accuracy"))
+                                  (metrics.TRAIN_STEPS, metrics.TRAIN_TOKENS_PER_S, metrics.TRAIN_WALL_S,
+                                   metrics.VAL_ACCURACY))
         params = g["params"].dropna()
         out.append({"variant": variant, "model": model, "params": int(params.iloc[0]) if len(params) else 0,
                     "seeds": g["seed"].nunique(), "steps": steps, "training tokens": rate * wall,

@@ -3,8 +3,9 @@
 and the cells (ids) whose rows were read. Thresholds are stated in each rule so a reader can disagree with them.
 
 How the rules decide (bench/analysing/evidence.py has the shared parts):
-- Models come from the registry: the Transformer side is family `attention` (and, for time claims, a declared
-  time of n^2 under the run's config); the Titans side is families `memory` and `hybrid`.
+- Models and tasks come from the registries, metric names from bench/metrics.py: the Transformer side is family
+  `attention` (and, for time claims, a declared time of n^2 under the run's config); the Titans side is families
+  `memory` and `hybrid`; accuracy is each registered task's headline, in the direction its metric declares.
 - An exponent is judged by its bootstrap interval (bench/analysing/scaling.py) against a band of exponents:
   inside the band supports, wholly outside contradicts, across an edge is inconclusive.
 - A claim about several models or measurements needs each of them (`evidence.combine`): one contradicted part
@@ -24,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 import models
+import tasks
+from bench import metrics
 from bench.analysing import accuracy
 from bench.analysing.evidence import (
     CONTRADICTED,
@@ -48,7 +51,7 @@ from bench.analysing.evidence import (
 from bench.analysing.scaling import best_class, crossover, fit_ratio
 from bench.running.store import COLUMNS
 
-TIME_METRICS = ("time_forward_s", "time_train_s")
+TIME_METRICS = (metrics.TIME_FORWARD_S, metrics.TIME_TRAIN_S)
 QUADRATIC = (1.7, 2.3)  # a measured exponent in this band is n^2 at the lengths measured
 AT_MOST_N_LOG_N = (-math.inf, 1.25)  # n log n over 4K..16K has a local exponent of 1.11; 1.25 leaves the noise
 BOUNDED = (-math.inf, 0.1)  # a state that grows slower than n^0.1 over the whole stream is called bounded
@@ -78,7 +81,7 @@ def titans(frame: pd.DataFrame) -> list[str]:
 def c1(frame: pd.DataFrame) -> Judgement:
     """Every quadratic attention model's forward/train time and forward FLOP exponents lie in [1.7, 2.3]."""
     parts = {f"{m} {metric}": part for m in quadratic_attention(frame)
-             for metric in (*TIME_METRICS, "flops_forward", "flops_train")
+             for metric in (*TIME_METRICS, metrics.FLOPS_FORWARD, metrics.FLOPS_TRAIN)
              if (part := exponent_part(frame, m, metric, *QUADRATIC))}
     return combine(parts, "time and FLOP exponents of each attention model declaring n^2 (rule: bootstrap interval "
                           "inside [1.7, 2.3]; time alone or FLOPs alone cannot support)",
@@ -90,7 +93,7 @@ def c2(frame: pd.DataFrame) -> list[tuple[str, Judgement]]:
     where the scores are materialised, so a fused kernel is expected to contradict it: one row per model."""
     out = []
     for m in present(frame, "attention"):
-        parts = {metric: part for metric in ("memory_forward_bytes", "memory_train_bytes")
+        parts = {metric: part for metric in (metrics.MEMORY_FORWARD_BYTES, metrics.MEMORY_TRAIN_BYTES)
                  if (part := exponent_part(frame, m, metric, *QUADRATIC))}
         out.append((f"Transformer memory O(n^2): {m} (declares {declared(frame, m).memory})",
                     combine(parts, "peak-memory exponent (rule: bootstrap interval inside [1.7, 2.3])",
@@ -122,10 +125,10 @@ def c3(frame: pd.DataFrame) -> Judgement:
 def state_part(frame: pd.DataFrame, model: str) -> Judgement | None:
     """The bytes the stream's state owns, fitted over every checkpoint: bounded if the exponent is below 0.1.
     The process's RSS over the same checkpoints is shown beside it (allocator and library growth, not state)."""
-    part = exponent_part(frame, model, "stream_state_bytes", *BOUNDED, kind="stream", fraction=1.0)
+    part = exponent_part(frame, model, metrics.STREAM_STATE_BYTES, *BOUNDED, kind="stream", fraction=1.0)
     if part is None or part.verdict == NOT_MEASURED:
         return part
-    rss = fitted(series(frame, model, "stream_rss_bytes", kind="stream"), fraction=1.0)
+    rss = fitted(series(frame, model, metrics.STREAM_RSS_BYTES, kind="stream"), fraction=1.0)
     shown = f"; RSS p = {rss}" if rss else ""
     return Judgement(part.verdict, part.evidence + shown, part.cells)
 
@@ -133,7 +136,7 @@ def state_part(frame: pd.DataFrame, model: str) -> Judgement | None:
 def c4(frame: pd.DataFrame) -> Judgement:
     parts = {}
     for m in titans(frame):
-        train = exponent_part(frame, m, "memory_train_bytes", *AT_MOST_N_LOG_N)
+        train = exponent_part(frame, m, metrics.MEMORY_TRAIN_BYTES, *AT_MOST_N_LOG_N)
         state = state_part(frame, m)
         parts.update({k: v for k, v in ((f"{m} train", train), (f"{m} stream", state)) if v})
     return combine(parts, "training peak-memory exponent (rule: bootstrap interval <= 1.25) and streaming state "
@@ -197,9 +200,9 @@ def c6_judge(t: Trend) -> Judgement:
 
 
 def c6(frame: pd.DataFrame) -> Judgement:
-    judged = dynamics_claim(frame, "stationary/titans/trained", "surprise_norm", c6_judge,
+    judged = dynamics_claim(frame, "stationary/titans/trained", metrics.SURPRISE_NORM, c6_judge,
                             empty="no dynamics rows of a trained memory (a [[dynamics]] entry with train_steps > 0)")
-    shift = trend(frame, "shift/titans/trained", "surprise_norm")
+    shift = trend(frame, "shift/titans/trained", metrics.SURPRISE_NORM)
     if isinstance(shift, Trend):  # shown, not judged: the bound is stated for a stationary stream
         judged = Judgement(judged.verdict, judged.evidence + f"; across a distribution shift ||S|| {shift.first:.3g}"
                                                              f" -> {shift.last:.3g} (shown, not judged)",
@@ -219,9 +222,9 @@ def c7_judge(t: Trend) -> Judgement:
 
 
 def c7(frame: pd.DataFrame) -> Judgement:
-    judged = dynamics_claim(frame, "stationary/seed", "inner_loss", c7_judge)
+    judged = dynamics_claim(frame, "stationary/seed", metrics.INNER_LOSS, c7_judge)
     others = [f"{rule}: {t.first:.3g} -> {t.last:.3g}" for rule in ("seed_corrected", "titans")
-              if isinstance(t := trend(frame, f"stationary/{rule}", "inner_loss"), Trend)]
+              if isinstance(t := trend(frame, f"stationary/{rule}", metrics.INNER_LOSS), Trend)]
     return Judgement(judged.verdict, judged.evidence + ("; for comparison " + ", ".join(others) if others else ""),
                      judged.cells)
 
@@ -237,7 +240,7 @@ def c8_judge(t: Trend) -> Judgement:
 
 
 def c8(frame: pd.DataFrame) -> Judgement:
-    return dynamics_claim(frame, "stationary/titans", "memory_norm", c8_judge, log_x=True)
+    return dynamics_claim(frame, "stationary/titans", metrics.MEMORY_NORM, c8_judge, log_x=True)
 
 
 def train_failures(frame: pd.DataFrame, task: str, model: str) -> str:
@@ -255,10 +258,8 @@ def c9(frame: pd.DataFrame) -> Judgement:
     loses and none wins. Seeds that failed (diverged, oom, error) have no accuracy: they are listed."""
     parts, outcomes, cells, failed = [], [], set(), []
     bases, mine_models = present(frame, "attention"), titans(frame)
-    for task in sorted(frame["task"].dropna().unique()):
+    for task in (t for t in tasks.names() if t in set(frame["task"].dropna())):
         metric = accuracy.headline(task)
-        if metric is None:
-            continue
         failed += [f for m in (*bases, *mine_models) if (f := train_failures(frame, task, m))]
         summary = accuracy.summary(frame, task)
         for variant, rows in summary.groupby("variant"):
@@ -270,7 +271,7 @@ def c9(frame: pd.DataFrame) -> Judgement:
                     if common.empty:
                         continue
                     n = common.max()
-                    outcome = accuracy.compare(mine.loc[n], base.loc[n], accuracy.higher_is_better(metric))
+                    outcome = accuracy.compare(mine.loc[n], base.loc[n], metrics.higher_is_better(metric))
                     outcomes.append(outcome)
                     cells |= cell_ids(select(frame, task=task, model=model)) | \
                         cell_ids(select(frame, task=task, model=base_model))
@@ -291,7 +292,7 @@ def c9(frame: pd.DataFrame) -> Judgement:
 def c10_part(frame: pd.DataFrame, model: str) -> Judgement | None:
     """A Titans model streamed >= 2M tokens with a bounded state; an oom while streaming contradicts, a stream
     that stopped at its time budget or a grid that ends earlier leaves it unmeasured."""
-    time_s = series(frame, model, "stream_time_s", kind="stream")
+    time_s = series(frame, model, metrics.STREAM_TIME_S, kind="stream")
     if not time_s.attempted:
         return None
     state = state_part(frame, model)

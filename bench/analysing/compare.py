@@ -1,16 +1,17 @@
-"""What moved between two runs: scaling exponents (difference), accuracies and errors (difference),
-times and memory (ratio B / A, since absolute values drift between machines and days)."""
+"""What moved between two runs: scaling exponents (difference), accuracies and errors (difference; every metric
+declared with the role `quality` in bench/metrics.py), times and memory (ratio B / A, since absolute values drift
+between machines and days)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
+from bench import metrics
 from bench.analysing.plots import SCALING_METRICS
 from bench.analysing.scaling import fit_power
 
-QUALITY = ("exact_match", "token_accuracy", "test_mse", "test_mae")
-COSTS = ("time_forward_s", "time_train_s", "memory_forward_bytes", "memory_train_bytes", "flops_forward",
-         "train_tokens_per_s")
+COSTS = (metrics.TIME_FORWARD_S, metrics.TIME_TRAIN_S, metrics.MEMORY_FORWARD_BYTES, metrics.MEMORY_TRAIN_BYTES,
+         metrics.FLOPS_FORWARD, metrics.TRAIN_TOKENS_PER_S)
 
 
 def exponents(frame: pd.DataFrame) -> pd.Series:
@@ -24,8 +25,14 @@ def exponents(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(out, dtype=float)
 
 
-def medians(frame: pd.DataFrame, metrics) -> pd.Series:
-    rows = frame[frame["metric"].isin(metrics) & (frame["status"] == "ok")].copy()
+def quality(*frames: pd.DataFrame) -> list[str]:
+    """The quality metrics (accuracies, test errors) the runs hold."""
+    names = {m for frame in frames for m in frame["metric"].dropna().unique()}
+    return sorted(m for m in names if metrics.role(m) == "quality")
+
+
+def medians(frame: pd.DataFrame, names) -> pd.Series:
+    rows = frame[frame["metric"].isin(names) & (frame["status"] == "ok")].copy()
     rows["n"], rows["task"] = rows["n"].fillna(-1), rows["task"].fillna("")
     return rows.groupby(["metric", "model", "task", "n"])["value"].median()
 
@@ -43,7 +50,8 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, threshold: float = 0.05) -> str:
     lines.append(f"scaling exponents: {len(e)} compared, {len(moved)} moved by more than {threshold}")
     lines += [f"  {m:<22} {model:<18} {r.a:6.2f} -> {r.b:6.2f} ({r.b - r.a:+.2f})"
               for (m, model), r in moved.iterrows()]
-    q = paired(medians(a, QUALITY), medians(b, QUALITY))
+    names = quality(a, b)
+    q = paired(medians(a, names), medians(b, names))
     moved = q[(q["b"] - q["a"]).abs() > threshold]
     lines.append(f"accuracy / error: {len(q)} compared, {len(moved)} moved by more than {threshold}")
     lines += [f"  {m:<16} {model:<18} {task:<11} n={n:<7g} {r.a:.3f} -> {r.b:.3f} ({r.b - r.a:+.3f})"

@@ -20,6 +20,7 @@ import pandas as pd
 
 import models
 from bench.analysing.scaling import PowerFit, fit_samples, t95
+from bench.metrics import STATUS, profile_family
 from models.base import Complexity
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = "supported", "contradicted", "inconclusive", "not measured"
@@ -93,11 +94,11 @@ def series(frame: pd.DataFrame, model: str, metric: str, kind: str | None = None
 def crashed_cells(frame: pd.DataFrame, model: str, metric: str, kind: str | None) -> pd.DataFrame:
     """The status rows (metric `status`: one per cell that raised) of the cells that would have measured
     `metric`: a profile cell names its metric family (time, memory, flops) in its config."""
-    rows = select(frame, model=model, metric="status", kind=kind)
+    rows = select(frame, model=model, metric=STATUS, kind=kind)
 
     def measures(config: object) -> bool:
         wanted = json.loads(config).get("run_config", {}).get("metric") if isinstance(config, str) else None
-        return wanted is None or metric.startswith(f"{wanted}_")
+        return wanted is None or profile_family(metric) == wanted
     return rows[rows["config"].map(measures).astype(bool)] if len(rows) else rows
 
 

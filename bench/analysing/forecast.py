@@ -2,20 +2,20 @@
 references, read from the same cells), horizon averages as the papers report them, and the published rows with
 their sources. Used by the report, the plots and `bench train`'s summary.
 
-A timeseries cell writes `<split>_<mse|mae>` for its model and `<split>_<mse|mae>_<reference>` for each reference
-on the same windows; the references of one data setting are the same in every cell (fitted once, seeded), so they
-are averaged, which leaves them unchanged."""
+A forecasting cell writes `<split>_<mse|mae>` for its model and `<split>_<mse|mae>_<reference>` for each reference
+on the same windows (bench.metrics.forecast_error), with its dataset and horizon; the rows are found by those
+metric names, whatever task wrote them. The references of one data setting are the same in every cell (fitted
+once, seeded), so they are averaged, which leaves them unchanged."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pandas as pd
 
 from bench.analysing.accuracy import extra_field
+from bench.metrics import TEST_MAE, TEST_MSE, forecast_error, parse_forecast_error
 
-METRIC = re.compile(r"^(val|test)_(mse|mae)(?:_(\w+))?$")
 HORIZONS = (96, 192, 336, 720)  # the papers' average is over these four
 SETTING = ["dataset", "lookback", "horizon"]
 
@@ -57,12 +57,13 @@ PUBLISHED = [
 def errors(frame: pd.DataFrame) -> pd.DataFrame:
     """Long table of ok forecasting rows: dataset, lookback, horizon, forecaster, kind ("model" or "reference"),
     split, measure (mse / mae), value (mean over seeds and cells), seeds."""
-    if "task" not in frame:
+    if "metric" not in frame:
         return pd.DataFrame()
-    rows = frame[(frame["task"] == "timeseries") & (frame["status"] == "ok")]
-    parsed = rows["metric"].str.extract(METRIC).dropna(subset=[0, 1])
-    if parsed.empty:
+    rows = frame[frame["status"] == "ok"]
+    names = rows["metric"].map(lambda m: parse_forecast_error(m) if isinstance(m, str) else None).dropna()
+    if names.empty:
         return pd.DataFrame()
+    parsed = pd.DataFrame(names.tolist(), index=names.index, columns=[0, 1, 2])
     rows = rows.loc[parsed.index]
     known = extra_field(rows, "horizon").notna()  # rows written before horizons were recorded are left out
     rows, parsed = rows[known], parsed[known]
@@ -131,5 +132,5 @@ def cell_summary(rows: pd.DataFrame) -> pd.DataFrame:
         return long
     long = long.assign(column=long["split"] + "_" + long["measure"])
     wide = long.pivot_table(index=["kind", "forecaster"], columns="column", values="value").reset_index()
-    keep = [c for c in ("val_mse", "test_mse", "test_mae") if c in wide]
+    keep = [c for c in (forecast_error("val", "mse"), TEST_MSE, TEST_MAE) if c in wide]
     return wide[["forecaster", *keep]]

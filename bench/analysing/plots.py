@@ -1,4 +1,7 @@
-"""The report's pictures, drawn from a run's rows alone (matplotlib, PNG)."""
+"""The report's pictures, drawn from a run's rows alone (matplotlib, PNG). Which pictures a run gets follows from
+its rows and the registries, never from model or task names: an accuracy-by-length plot per task whose headline
+is better higher, a heatmap per model for each grid axis a task declares (`TaskSpec.grid`), learning curves per
+task, and the metric-driven ones (scaling, key-to-query distance, forecast examples, dynamics, streaming)."""
 
 from __future__ import annotations
 
@@ -13,16 +16,18 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.analysing import accuracy, forecast  # noqa: E402
+import tasks  # noqa: E402
+from bench import metrics  # noqa: E402
+from bench.analysing import accuracy, forecast
 from bench.analysing.scaling import fit_power  # noqa: E402
 
 OFF_SCALE = 1.5  # forecast look-back plot: references above this many times the worst model are named, not drawn
 SCALING_METRICS = {
-    "time_forward_s": "forward time (s)",
-    "time_train_s": "forward + backward time (s)",
-    "memory_forward_bytes": "forward peak memory (bytes)",
-    "memory_train_bytes": "training-step peak memory (bytes)",
-    "flops_forward": "forward FLOPs",
+    metrics.TIME_FORWARD_S: "forward time (s)",
+    metrics.TIME_TRAIN_S: "forward + backward time (s)",
+    metrics.MEMORY_FORWARD_BYTES: "forward peak memory (bytes)",
+    metrics.MEMORY_TRAIN_BYTES: "training-step peak memory (bytes)",
+    metrics.FLOPS_FORWARD: "forward FLOPs",
 }
 
 
@@ -73,24 +78,29 @@ def _accuracy_grid(grid: pd.DataFrame, row_labels: list[str]) -> tuple[plt.Figur
     return fig, ax
 
 
-def niah_heatmap(frame: pd.DataFrame, model: str, out: Path) -> Path | None:
-    rows = frame[(frame["task"] == "niah") & (frame["model"] == model) & (frame["metric"] == "exact_match")]
-    if rows.empty:
+def grid_heatmap(frame: pd.DataFrame, task: str, axis: str, model: str, out: Path) -> Path | None:
+    """A task's headline over one of its declared grid axes (NIAH's needle depth, MQAR's pair count) x length,
+    for one model, mean over seeds."""
+    spec = tasks.spec(task)
+    rows = frame[(frame["task"] == task) & (frame["model"] == model) & (frame["metric"] == spec.headline)
+                 & (frame["status"] == "ok")]
+    if rows.empty or axis not in rows or rows[axis].isna().all():
         return None
-    grid = rows.pivot_table(index="depth", columns="n", values="value", aggfunc="mean").sort_index(ascending=False)
-    fig, ax = _accuracy_grid(grid, [f"{d:g}%" for d in grid.index])
+    grid = rows.pivot_table(index=axis, columns="n", values="value", aggfunc="mean").sort_index(ascending=False)
+    fig, ax = _accuracy_grid(grid, [f"{v:g}" for v in grid.index])
+    seeds = rows["seed"].nunique()
     trained = accuracy.trained_length(rows)
-    note = f" (trained at {int(trained)})" if not np.isnan(trained) else ""
-    ax.set(xlabel="context length", ylabel="needle depth", title=f"NIAH exact match — {model}{note}")
-    return _save(fig, out / f"niah_heatmap_{model}.png")
+    note = f", trained up to n={int(trained)}" if not np.isnan(trained) else ""
+    ax.set(xlabel=spec.length_label, ylabel=axis,
+           title=f"{task} {spec.headline.replace('_', ' ')} — {model} ({seeds} seed{'s' if seeds > 1 else ''}{note})")
+    return _save(fig, out / f"{task}_grid_{axis}_{model}.png")
 
 
 def recall_vs_length(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
     """Per variant of an accuracy task: the headline against length, a line per model (mean over seeds), the seed
     range shaded (the Wilson interval with one seed), the training length marked."""
-    metric = accuracy.headline(task)
-    if metric is None or not accuracy.higher_is_better(metric):
-        return []
+    spec = tasks.spec(task)
+    metric = spec.headline
     summary = accuracy.summary(frame, task)
     made = []
     for variant, rows in summary.groupby("variant"):
@@ -104,7 +114,7 @@ def recall_vs_length(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
         if not np.isnan(trained):
             ax.axvline(trained, color="grey", ls="--", lw=1)
             ax.annotate("trained up to here", (trained, 0.02), fontsize=7, color="grey", rotation=90, ha="right")
-        ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="sequence length n" if task != "copy" else "copied tokens n",
+        ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel=spec.length_label,
                ylabel=f"{metric.replace('_', ' ')} (mean over seeds; band: seed range)",
                title=f"{variant}: {metric.replace('_', ' ')} vs length")
         lengths = sorted(rows["n"].unique())
@@ -116,25 +126,10 @@ def recall_vs_length(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
     return made
 
 
-def pairs_heatmap(frame: pd.DataFrame, model: str, out: Path) -> Path | None:
-    """Recall over the (pairs x length) grid of a task that sweeps pairs, mean over seeds."""
-    rows = frame[(frame["model"] == model) & (frame["metric"] == "query_accuracy") & (frame["status"] == "ok")]
-    if rows.empty or rows["pairs"].isna().all():
-        return None
-    grid = rows.pivot_table(index="pairs", columns="n", values="value", aggfunc="mean").sort_index(ascending=False)
-    fig, ax = _accuracy_grid(grid, [f"{int(p)}" for p in grid.index])
-    seeds = rows["seed"].nunique()
-    trained = accuracy.trained_length(rows)
-    note = f", trained up to n={int(trained)}" if not np.isnan(trained) else ""
-    ax.set(xlabel="sequence length n", ylabel="key-value pairs",
-           title=f"MQAR query accuracy — {model} ({seeds} seed{'s' if seeds > 1 else ''}{note})")
-    return _save(fig, out / f"mqar_grid_{model}.png")
-
-
 def recall_by_distance(frame: pd.DataFrame, out: Path) -> Path | None:
     """Query accuracy against the distance from a key to its query (power-of-two bins), pooled over the grid and
     the seeds, a line per model."""
-    rows = frame[(frame["metric"] == "query_accuracy_by_distance") & (frame["status"] == "ok")].copy()
+    rows = frame[(frame["metric"] == metrics.QUERY_ACCURACY_BY_DISTANCE) & (frame["status"] == "ok")].copy()
     if rows.empty:
         return None
     rows["samples"] = accuracy.extra_field(rows, "samples").fillna(0)
@@ -144,17 +139,18 @@ def recall_by_distance(frame: pd.DataFrame, out: Path) -> Path | None:
         pooled = g.groupby("distance")[["hits", "samples"]].sum()
         ax.plot(pooled.index, pooled["hits"] / pooled["samples"], "o-", label=model)
     ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="distance from key to query (tokens, bin lower edge)",
-           ylabel="query accuracy", title="MQAR: recall by key-to-query distance (whole grid, all seeds)")
+           ylabel="query accuracy",
+           title=f"{', '.join(sorted(rows['task'].unique()))}: recall by key-to-query distance (whole grid, all seeds)")
     ax.set_xscale("log", base=2)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, out / "mqar_by_distance.png")
+    return _save(fig, out / "recall_by_distance.png")
 
 
 def learning_curves(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
     """Per variant of a task: training loss against step, a thin line per cell (seed), a colour per model;
     validation accuracy where it was measured, in a second panel."""
-    rows = frame[(frame["task"] == task) & (frame["metric"] == "learning_curve")].copy()
+    rows = frame[(frame["task"] == task) & (frame["metric"] == metrics.LEARNING_CURVE)].copy()
     if rows.empty:
         return []
     rows["variant"] = rows["variant"].astype(object).fillna(task)
@@ -162,16 +158,18 @@ def learning_curves(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
     for variant, group in rows.groupby("variant"):
         curves = [(model, status, json.loads(extra)["curve"]) for model, status, extra in
                   zip(group["model"], group["status"], group["extra"], strict=True) if isinstance(extra, str)]
-        has_val = any("val_accuracy" in c for _, _, c in curves)
+        has_val = any(metrics.VAL_ACCURACY in c for _, _, c in curves)
         fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(12 if has_val else 7, 4.2), squeeze=False)
         colours = {m: f"C{i}" for i, m in enumerate(sorted({m for m, _, _ in curves}))}
         for model, status, c in curves:
             label = model
-            axes[0, 0].plot(c["step"], c["train_loss"], color=colours[model], lw=0.9, label=label)
+            loss = c[metrics.TRAIN_LOSS]
+            axes[0, 0].plot(c["step"], loss, color=colours[model], lw=0.9, label=label)
             if status != "ok":
-                axes[0, 0].plot(c["step"][-1:], c["train_loss"][-1:], "x", color=colours[model], markersize=9)
-            if has_val and "val_accuracy" in c:
-                axes[0, 1].plot(c["val_step"], c["val_accuracy"], "o-", color=colours[model], ms=3, lw=0.9, label=label)
+                axes[0, 0].plot(c["step"][-1:], loss[-1:], "x", color=colours[model], markersize=9)
+            if has_val and metrics.VAL_ACCURACY in c:
+                axes[0, 1].plot(c["val_step"], c[metrics.VAL_ACCURACY], "o-", color=colours[model], ms=3, lw=0.9,
+                                label=label)
         axes[0, 0].set(yscale="log", xlabel="step", ylabel="training loss", title=f"{variant}: learning curves")
         if has_val:
             axes[0, 1].set(xlabel="step", ylabel="validation accuracy", ylim=(-0.03, 1.03),
@@ -188,7 +186,7 @@ def learning_curves(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
 def forecasts(frame: pd.DataFrame, out: Path) -> Path | None:
     """One test window per model at the run's first forecasting setting (dataset, then the shortest horizon and
     look-back): the look-back, the target, the model's forecast and DLinear's on the same window."""
-    rows = frame[frame["metric"].str.startswith("example_", na=False)]
+    rows = frame[frame["metric"].map(lambda m: isinstance(m, str) and metrics.is_example(m))]
     if rows.empty:
         return None
     rows = rows.assign(dataset=accuracy.extra_field(rows, "dataset"), horizon=accuracy.extra_field(rows, "horizon"),
@@ -198,8 +196,8 @@ def forecasts(frame: pd.DataFrame, out: Path) -> Path | None:
                 & (rows["lookback"] == first["lookback"])]
     models_ = sorted(rows["model"].unique())
     fig, axes = plt.subplots(len(models_), 1, figsize=(8, 2.2 * len(models_)), sharex=True, squeeze=False)
-    styles = (("example_input", "k-"), ("example_target", "g-"), ("example_forecast", "r--"),
-              ("example_forecast_dlinear", "b:"))
+    styles = ((metrics.example("input"), "k-"), (metrics.example("target"), "g-"),
+              (metrics.example("forecast"), "r--"), (metrics.example("forecast", "dlinear"), "b:"))
     for ax, model in zip(axes[:, 0], models_, strict=True):
         m = rows[rows["model"] == model]
         for metric, style in styles:
@@ -255,9 +253,9 @@ def dynamics(frame: pd.DataFrame, out: Path) -> Path | None:
     rows = frame[frame["kind"] == "dynamics"]
     if rows.empty:
         return None
-    metrics = ["surprise_norm", "memory_norm", "inner_loss"]
+    shown = [metrics.SURPRISE_NORM, metrics.MEMORY_NORM, metrics.INNER_LOSS]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, metric in zip(axes, metrics, strict=True):
+    for ax, metric in zip(axes, shown, strict=True):
         for variant, group in rows[rows["metric"] == metric].groupby("variant"):
             s = group.groupby("n")["value"].mean()
             ax.plot(s.index, s.values, label=variant, lw=1.2)
@@ -274,9 +272,9 @@ def streaming(frame: pd.DataFrame, out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for model, group in rows.groupby("model"):
-        for ax, metric in zip(axes, ("stream_peak_bytes", "stream_time_s"), strict=True):
+        for ax, metric in zip(axes, (metrics.STREAM_PEAK_BYTES, metrics.STREAM_TIME_S), strict=True):
             s = group[group["metric"] == metric].groupby("n")["value"].mean()
-            ax.plot(s.index, s.values / (2**20 if metric.endswith("bytes") else 1), "o-", label=model)
+            ax.plot(s.index, s.values / (2**20 if metrics.lookup(metric).unit == "bytes" else 1), "o-", label=model)
     axes[0].set(xscale="log", xlabel="tokens streamed", ylabel="peak memory above baseline (MiB)",
                 title="streaming: peak memory")
     axes[1].set(xscale="log", yscale="log", xlabel="tokens streamed", ylabel="elapsed (s)", title="streaming: time")
@@ -289,11 +287,12 @@ def streaming(frame: pd.DataFrame, out: Path) -> Path | None:
 def all_plots(frame: pd.DataFrame, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = [scaling(frame, m, out) for m in SCALING_METRICS]
-    made += [niah_heatmap(frame, m, out) for m in sorted(frame[frame["task"] == "niah"]["model"].dropna().unique())]
+    for task in accuracy.accuracy_tasks(frame):
+        models_ = sorted(frame[frame["task"] == task]["model"].dropna().unique())
+        made += [grid_heatmap(frame, task, axis, m, out) for axis in tasks.spec(task).grid for m in models_]
+        made += recall_vs_length(frame, task, out)
     for task in sorted(frame["task"].dropna().unique()):
-        made += recall_vs_length(frame, task, out) + learning_curves(frame, task, out)
-    swept = frame[frame["pairs"].notna()] if "pairs" in frame else frame.iloc[:0]
-    made += [pairs_heatmap(frame, m, out) for m in sorted(swept["model"].dropna().unique())]
+        made += learning_curves(frame, task, out)
     made.append(recall_by_distance(frame, out))
     made += [forecasts(frame, out), dynamics(frame, out), streaming(frame, out)] + forecast_lookback(frame, out)
     return [p for p in made if p is not None]

@@ -1,6 +1,10 @@
 """report.md from a run folder's results.csv (and env.json when present): setup, model sizes, task tables,
 the scaling table, crossovers, streaming, the claims ledger, and the plots. Rebuildable at any time:
-`python -m bench report RUN_DIR` (or `make report RUN=...`)."""
+`python -m bench report RUN_DIR` (or `make report RUN=...`).
+
+Nothing here names a model or a task: models come from the registry (family, declared complexity; the
+crossover baseline is the attention family's first registered model, as in `models.first`), tasks from the task
+registry (an accuracy table per task whose headline is better higher), metrics from bench/metrics.py."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 import models
+from bench import metrics
 from bench.analysing import accuracy, claims, evidence, forecast, plots
 from bench.analysing.scaling import best_class, crossover
 from bench.running.store import read_frame
@@ -71,8 +76,6 @@ def accuracy_section(frame: pd.DataFrame, task: str) -> str:
     """Per variant of an accuracy task: what each model cost to train, then its headline by length (mean over
     seeds, with the seed range, or the Wilson interval with one seed, in brackets)."""
     metric = accuracy.headline(task)
-    if metric is None or not accuracy.higher_is_better(metric):
-        return ""
     summary, costs = accuracy.summary(frame, task), accuracy.cost_table(frame, task)
     if costs.empty:
         return ""
@@ -94,7 +97,7 @@ def accuracy_section(frame: pd.DataFrame, task: str) -> str:
             f"over seeds [seed range, or the 95 % Wilson interval with one seed].\n\n" + "\n\n".join(parts))
 
 
-def timeseries_section(frame: pd.DataFrame) -> str:
+def forecasting_section(frame: pd.DataFrame) -> str:
     """Our forecasters (models, then references in brackets) per dataset and look-back, MSE / MAE by horizon and
     the four-horizon average, then the published rows with their sources."""
     s = forecast.scores(frame)
@@ -138,9 +141,10 @@ def scaling_section(frame: pd.DataFrame) -> str:
 
 def crossover_section(frame: pd.DataFrame) -> str:
     rows = []
-    for metric in ("time_forward_s", "time_train_s", "memory_train_bytes"):
+    baseline = models.first("attention")
+    for metric in (metrics.TIME_FORWARD_S, metrics.TIME_TRAIN_S, metrics.MEMORY_TRAIN_BYTES):
         ok = frame[(frame["metric"] == metric) & (frame["status"] == "ok")]
-        base = ok[ok["model"] == "transformer"].groupby("n")["value"].median()
+        base = ok[ok["model"] == baseline].groupby("n")["value"].median()
         for model in claims.titans(frame):
             t = ok[ok["model"] == model].groupby("n")["value"].median()
             common = base.index.intersection(t.index)
@@ -148,18 +152,20 @@ def crossover_section(frame: pd.DataFrame) -> str:
                 continue
             cross = crossover(common.to_numpy(), t[common].to_numpy(), base[common].to_numpy())
             top = common.max()
-            rows.append({"metric": metric, "model": model, "vs": "transformer (sdpa)",
+            rows.append({"metric": metric, "model": model, "vs": baseline,
                          "crossover n": f"{cross:,.0f}" if cross else f"none up to {int(top):,}",
-                         "transformer / model at the largest n": f"{base[top] / t[top]:.2f} (n={int(top):,})"})
+                         "baseline / model at the largest n": f"{base[top] / t[top]:.2f} (n={int(top):,})"})
     if not rows:
         return ""
-    return "Crossover: the length from which the Titans model is cheaper than the Transformer.\n\n" + \
+    return (f"Crossover: the length from which the Titans model is cheaper than {baseline}, the first attention "
+            "model of the registry.\n\n") + \
         table(pd.DataFrame(rows).fillna(""))
 
 
-STREAM_COLUMNS = {"stream_time_s": "time s", "stream_tokens_per_s": "tokens/s", "stream_state_bytes": "state MiB",
-                  "stream_heap_used_bytes": "heap used MiB", "stream_heap_free_bytes": "heap free MiB",
-                  "stream_rss_bytes": "RSS MiB", "stream_peak_bytes": "peak MiB"}
+STREAM_COLUMNS = {metrics.STREAM_TIME_S: "time s", metrics.STREAM_TOKENS_PER_S: "tokens/s",
+                  metrics.STREAM_STATE_BYTES: "state MiB", metrics.STREAM_HEAP_USED_BYTES: "heap used MiB",
+                  metrics.STREAM_HEAP_FREE_BYTES: "heap free MiB", metrics.STREAM_RSS_BYTES: "RSS MiB",
+                  metrics.STREAM_PEAK_BYTES: "peak MiB"}
 
 
 def streaming_section(frame: pd.DataFrame) -> str:
@@ -167,7 +173,7 @@ def streaming_section(frame: pd.DataFrame) -> str:
     if rows.empty:
         return ""
     wide = rows.pivot_table(index=["model", "n"], columns="metric", values="value", aggfunc="mean").reset_index()
-    for metric in (m for m in STREAM_COLUMNS if m.endswith("_bytes") and m in wide):
+    for metric in (m for m in STREAM_COLUMNS if metrics.lookup(m).unit == "bytes" and m in wide):
         wide[metric] = wide[metric] / 2**20
     cols = ["model", "n", *(m for m in STREAM_COLUMNS if m in wide)]
     stopped = rows[rows["status"] != "ok"]
@@ -196,8 +202,8 @@ def build(run_dir: str | Path) -> Path:
     frame = accuracy.label_recipes(read_frame(run_dir))
     pictures = plots.all_plots(frame, run_dir / "plots")
     sections = [f"# titans-bench report — {run_dir.name}", setup_section(run_dir, frame), models_section(frame),
-                *(accuracy_section(frame, t) for t in sorted(frame["task"].dropna().unique())),
-                timeseries_section(frame), scaling_section(frame), streaming_section(frame), claims_section(frame)]
+                *(accuracy_section(frame, t) for t in accuracy.accuracy_tasks(frame)),
+                forecasting_section(frame), scaling_section(frame), streaming_section(frame), claims_section(frame)]
     if pictures:
         sections.append("## Plots\n\n" + "\n\n".join(f"![{p.stem}](plots/{p.name})" for p in pictures))
     out = run_dir / "report.md"

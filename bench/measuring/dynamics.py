@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.metrics import DIAGNOSTICS
 from models.memory import MemoryConfig, NeuralMemory
 
-DIAGNOSTICS = ("inner_loss", "grad_norm", "surprise_norm", "surprise_entropy", "memory_norm")
+STREAMS = ("stationary", "shift")
 PATTERNS, FOLLOW = 32, 0.75
 TRAIN_LENGTH, TRAIN_BATCH, TRAIN_LR = 256, 8, 3e-3
 
@@ -39,8 +40,8 @@ def _walk(n: int, perm: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def make_stream(kind: str, n: int, dim: int, seed: int) -> torch.Tensor:
     """[1, n, dim] stream of one seed (patterns, chain and noise all drawn from it)."""
-    if kind not in ("stationary", "shift"):
-        raise ValueError(f"unknown stream {kind!r}; valid: stationary, shift")
+    if kind not in STREAMS:
+        raise ValueError(f"unknown stream {kind!r}; valid: {', '.join(STREAMS)}")
     gen = torch.Generator().manual_seed(seed)
     sets = [torch.randn(PATTERNS, dim, generator=gen) for _ in range(2)]
     walks = [_walk(n, torch.randperm(PATTERNS, generator=gen), gen) for _ in range(2)]

@@ -1,15 +1,17 @@
 """The fresh process of one memory measurement (launched by bench.measuring.isolated):
-`python -m bench.measuring.memprobe '<json request>'`.
+`python -m bench.measuring.memprobe '<json request>'`, the request being {"cell": a memory profile or stream cell
+as Cell.as_dict writes it, "mode": the profile mode to measure (forward or train; null for a stream), "device",
+"threads"} (built by profile.measure_memory and streaming.measure_stream).
 Prints one JSON line: peak_bytes (above the baseline), baseline_bytes, probe (which counter was used).
 A fresh process per point keeps one point's allocations from hiding another's.
 
-A stream also reports, at each checkpoint, what the process holds (`snapshot`), all above the baseline taken
-after the model is built: `stream_rss_bytes` (resident memory now; on GPU the bytes allocated now), and the
-allocator's own accounts, `stream_heap_used_bytes` (bytes handed out: glibc's uordblks + hblkhd; on GPU
-memory_allocated) and `stream_heap_free_bytes` (bytes the allocator holds but has not handed out: glibc's
-fordblks; on GPU reserved - allocated). Beside the bytes the state's tensors own (bench.measuring.streaming), they tell
-state growth from allocator retention: a peak that grows while the state and the used heap stay flat is the
-allocator or the libraries, not the memory."""
+A stream also reports, at each checkpoint, what the process holds (`snapshot`), all above the baseline taken after
+the model is built: `stream_rss_bytes` (resident memory now; on GPU the bytes allocated now), and the allocator's
+own accounts, `stream_heap_used_bytes` (bytes handed out: glibc's uordblks + hblkhd; on GPU memory_allocated) and
+`stream_heap_free_bytes` (bytes the allocator holds but has not handed out: glibc's fordblks; on GPU reserved -
+allocated). Beside the bytes the state's tensors own (bench.measuring.streaming), they tell state growth from
+allocator retention: a peak that grows while the state and the used heap stay flat is the allocator or the
+libraries, not the memory."""
 
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ from pathlib import Path
 import torch
 
 import models
+from bench.cells import Cell
 from bench.measuring.profile import make_input, step
 from bench.measuring.streaming import stream
+from bench.metrics import STREAM_HEAP_FREE_BYTES, STREAM_HEAP_USED_BYTES, STREAM_PEAK_BYTES, STREAM_RSS_BYTES
 
 
 def _status_kb(field: str) -> int:
@@ -47,7 +51,7 @@ def heap() -> dict[str, int]:
         return {}
     info.restype = _MallInfo2
     m = info()
-    return {"stream_heap_used_bytes": m.uordblks + m.hblkhd, "stream_heap_free_bytes": m.fordblks}
+    return {STREAM_HEAP_USED_BYTES: m.uordblks + m.hblkhd, STREAM_HEAP_FREE_BYTES: m.fordblks}
 
 
 def _above(now: dict[str, int], base: dict[str, int]) -> dict[str, int]:
@@ -68,7 +72,7 @@ class CpuPeak:
         self.heap = heap()
 
     def snapshot(self) -> dict[str, int]:
-        return {"stream_peak_bytes": self.peak(), "stream_rss_bytes": _status_kb("VmRSS") * 1024 - self.baseline,
+        return {STREAM_PEAK_BYTES: self.peak(), STREAM_RSS_BYTES: _status_kb("VmRSS") * 1024 - self.baseline,
                 **_above(heap(), self.heap)}
 
     def peak(self) -> int:
@@ -92,8 +96,8 @@ class CudaPeak:
         torch.cuda.synchronize()
         allocated = torch.cuda.memory_allocated()
         free = torch.cuda.memory_reserved() - allocated - (self.reserved - self.baseline)
-        return {"stream_peak_bytes": self.peak(), "stream_rss_bytes": allocated - self.baseline,
-                "stream_heap_used_bytes": allocated - self.baseline, "stream_heap_free_bytes": free}
+        return {STREAM_PEAK_BYTES: self.peak(), STREAM_RSS_BYTES: allocated - self.baseline,
+                STREAM_HEAP_USED_BYTES: allocated - self.baseline, STREAM_HEAP_FREE_BYTES: free}
 
     def peak(self) -> int:
         torch.cuda.synchronize()
@@ -101,20 +105,21 @@ class CudaPeak:
 
 
 def main(request: dict) -> dict:
-    torch.set_num_threads(request.get("threads", 1))
-    device = request.get("device", "cpu")
+    torch.set_num_threads(request["threads"])
+    device, mode, cell = request["device"], request["mode"], Cell.from_dict(request["cell"])
+    run = cell.run_config
     torch.manual_seed(0)
-    model = models.build(request["model"], **request.get("config", {})).to(device)
-    if request["mode"] == "stream":
+    model = models.build(cell.model, **cell.model_config).to(device)
+    if cell.kind == "stream":
         meter = CudaPeak() if device.startswith("cuda") else CpuPeak()
-        rows = stream(model, request["total"], request["piece"], request["checkpoints"], device,
-                      request["budget_s"], meter.snapshot)
+        rows = stream(model, run.total, run.piece, list(run.checkpoints), device, run.budget_s, meter.snapshot)
         return {"rows": rows, "baseline_bytes": meter.baseline, "probe": meter.probe}
-    x = make_input(model, request["batch"], request["n"], device)
-    if request["mode"] == "train":
-        step(model, make_input(model, request["batch"], 8, device), "train")  # allocate grads before the baseline
+    batch = run.profile.batch
+    x = make_input(model, batch, run.n, device)
+    if mode == "train":
+        step(model, make_input(model, batch, 8, device), "train")  # allocate grads before the baseline
     meter = CudaPeak() if device.startswith("cuda") else CpuPeak()
-    step(model, x, request["mode"])
+    step(model, x, mode)
     return {"peak_bytes": meter.peak(), "baseline_bytes": meter.baseline, "probe": meter.probe}
 
 

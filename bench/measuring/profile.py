@@ -17,15 +17,19 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import flop_counter
 
 import models
 from bench.measuring.isolated import ProbeFailed, run_isolated
+from bench.metrics import profiled
 from models.attention import AttentionMixer
 from models.config import above, at_least, check
+
+if TYPE_CHECKING:
+    from bench.cells import Cell
 
 
 @dataclass(frozen=True)
@@ -99,15 +103,15 @@ def measure_time(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, 
         sync(device)
         elapsed = time.perf_counter() - start
         if elapsed > cfg.time_budget_s:
-            return [{"metric": f"time_{mode}_s", "value": elapsed, "status": "timeout"}]
+            return [{"metric": profiled("time", mode), "value": elapsed, "status": "timeout"}]
         if i >= cfg.warmup:
             times.append(elapsed)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     median = statistics.median(times)
     spread = {"q25": q[0], "q75": q[2], "repeats": len(times), "samples": times}  # every repeat: the bootstrap
     return [
-        {"metric": f"time_{mode}_s", "value": median, "status": "ok", **spread},
-        {"metric": f"tokens_per_s_{mode}", "value": cfg.batch * n / median, "status": "ok"},
+        {"metric": profiled("time", mode), "value": median, "status": "ok", **spread},
+        {"metric": profiled("tokens_per_s", mode), "value": cfg.batch * n / median, "status": "ok"},
     ]
 
 
@@ -118,15 +122,15 @@ def count_flops(model: torch.nn.Module, n: int, mode: str, cfg: ProfileConfig, d
             model(x)
         else:
             step(model, x, mode)
-    return [{"metric": f"flops_{mode}", "value": float(counter.get_total_flops()), "status": "ok"}]
+    return [{"metric": profiled("flops", mode), "value": float(counter.get_total_flops()), "status": "ok"}]
 
 
-def measure_memory(model_name: str, model_config: dict[str, Any], n: int, mode: str, cfg: ProfileConfig,
-                   device: str, threads: int) -> list[dict[str, Any]]:
-    """Peak memory of one step in a fresh process (bench.measuring.isolated)."""
-    request = {"model": model_name, "config": model_config, "n": n, "mode": mode, "batch": cfg.batch,
-               "device": device, "threads": threads}
-    metric = f"memory_{mode}_bytes"
+def measure_memory(cell: Cell, mode: str, device: str, threads: int) -> list[dict[str, Any]]:
+    """Peak memory of one step of a memory profile cell in a fresh process (bench.measuring.isolated); the
+    request is the cell as the store writes it, the mode, and where it runs."""
+    cfg = cell.run_config.profile
+    metric = profiled("memory", mode)
+    request = {"cell": cell.as_dict(), "mode": mode, "device": device, "threads": threads}
     try:
         result = run_isolated(request, timeout_s=cfg.time_budget_s * 3 + 60)
     except ProbeFailed as failed:
@@ -136,26 +140,26 @@ def measure_memory(model_name: str, model_config: dict[str, Any], n: int, mode: 
              "baseline_bytes": result["baseline_bytes"], "probe": result["probe"]}]
 
 
-METRICS = ("time", "memory", "flops")
-MODES = ("forward", "train")
+METRICS = ("time", "memory", "flops")  # what a profile cell measures: each a family of bench.metrics.profiled
 
 
-def profile_point(model_name: str, model_config: dict[str, Any], n: int, metric: str, modes: list[str],
-                  cfg: ProfileConfig, device: str, threads: int) -> list[dict[str, Any]]:
-    """Rows for one (model, n, metric) point over the requested modes."""
+def profile_point(cell: Cell, device: str, threads: int) -> list[dict[str, Any]]:
+    """Rows for one profile cell (model, n, metric family) over its modes."""
+    run = cell.run_config
+    n, metric, cfg = run.n, run.metric, run.profile
     torch.manual_seed(0)
-    model = models.build(model_name, **model_config).to(device)
+    model = models.build(cell.model, **cell.model_config).to(device)
     rows: list[dict[str, Any]] = []
-    for mode in modes:
+    for mode in run.modes:
         estimate = estimate_attention_bytes(model, n, cfg.batch, mode)
         if metric != "flops" and estimate > cfg.memory_budget_mb * 2**20:
-            rows.append({"metric": f"{metric}_{mode}" + ("_s" if metric == "time" else "_bytes"),
-                         "value": float(estimate), "status": "oom", "reason": "estimated n^2 scores over budget"})
+            rows.append({"metric": profiled(metric, mode), "value": float(estimate), "status": "oom",
+                         "reason": "estimated n^2 scores over budget"})
         elif metric == "time":
             rows += measure_time(model, n, mode, cfg, device)
         elif metric == "flops":
             rows += count_flops(model, n, mode, cfg, device)
         else:
-            rows += measure_memory(model_name, model_config, n, mode, cfg, device, threads)
+            rows += measure_memory(cell, mode, device, threads)
     sizes = {"params": model.num_params(), "state_numel": model.state_numel(n)}
     return [{**row, **sizes, "n": n} for row in rows]

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bench.measuring.isolated import run_isolated
 from bench.measuring.profile import sync
+from bench.metrics import STREAM_STATE_BYTES, STREAM_TIME_S, STREAM_TOKENS_PER_S
+
+if TYPE_CHECKING:
+    from bench.cells import Cell
 
 
-def measure_stream(model_name: str, model_config: dict[str, Any], total: int, piece: int, checkpoints: list[int],
-                   budget_s: float, device: str, threads: int) -> list[dict[str, Any]]:
-    """Rows of one model's stream, measured in a fresh process (ProbeFailed when it ends without them)."""
-    request = {"model": model_name, "config": model_config, "mode": "stream", "device": device, "threads": threads,
-               "total": total, "piece": piece, "checkpoints": checkpoints, "budget_s": budget_s}
-    return run_isolated(request, timeout_s=budget_s * 2 + 120)["rows"]
+def measure_stream(cell: Cell, device: str, threads: int) -> list[dict[str, Any]]:
+    """Rows of one stream cell, measured in a fresh process (ProbeFailed when it ends without them)."""
+    request = {"cell": cell.as_dict(), "mode": None, "device": device, "threads": threads}
+    return run_isolated(request, timeout_s=cell.run_config.budget_s * 2 + 120)["rows"]
 
 
 def state_bytes(state: Any) -> int:
@@ -62,11 +64,11 @@ def stream(model: torch.nn.Module, total: int, piece: int, checkpoints: list[int
             elapsed = time.perf_counter() - start
             if seen == pending[0]:
                 pending.pop(0)
-                held = {"stream_state_bytes": state_bytes(state), **memory_snapshot()}
-                rows += [{"n": seen, "metric": "stream_time_s", "value": elapsed, "status": "ok"},
-                         {"n": seen, "metric": "stream_tokens_per_s", "value": seen / elapsed, "status": "ok"},
+                held = {STREAM_STATE_BYTES: state_bytes(state), **memory_snapshot()}
+                rows += [{"n": seen, "metric": STREAM_TIME_S, "value": elapsed, "status": "ok"},
+                         {"n": seen, "metric": STREAM_TOKENS_PER_S, "value": seen / elapsed, "status": "ok"},
                          *({"n": seen, "metric": k, "value": float(v), "status": "ok"} for k, v in held.items())]
             if elapsed > budget_s and pending:
-                rows.append({"n": pending[0], "metric": "stream_time_s", "value": elapsed, "status": "timeout"})
+                rows.append({"n": pending[0], "metric": STREAM_TIME_S, "value": elapsed, "status": "timeout"})
                 break
     return rows

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from bench.metrics import TRAIN_LOSS, VAL_LOSS
 from models.config import Rule, above, at_least, check, require
 from tasks.base import Task, TaskNetwork
 
@@ -71,7 +72,7 @@ class TrainResult:
         steps = list(range(0, len(self.losses), span))
         keys = dict.fromkeys(k for v in self.validation for k in v if k != "step")
         return {"step": [s + span / 2 - 0.5 for s in steps],
-                "train_loss": [sum(self.losses[s : s + span]) / len(self.losses[s : s + span]) for s in steps],
+                TRAIN_LOSS: [sum(self.losses[s : s + span]) / len(self.losses[s : s + span]) for s in steps],
                 "val_step": [v["step"] for v in self.validation],
                 **{key: [v.get(key, float("nan")) for v in self.validation] for key in keys}}
 
@@ -142,7 +143,7 @@ def train(
         if cfg.val_every and (step + 1) % cfg.val_every == 0:
             scores = task.validate(net, device)
             validation.append({"step": step + 1, **scores})
-            val = scores.get("val_loss")
+            val = scores.get(VAL_LOSS)
             if val is not None and (best_val is None or val < best_val):
                 best_val, best_state, stale = val, {k: v.detach().clone() for k, v in net.state_dict().items()}, 0
             elif val is not None:

@@ -14,13 +14,13 @@ import torch
 
 import models
 import tasks
+from bench import metrics
+from bench.cells import Cell
 from bench.measuring.dynamics import run_dynamics
 from bench.measuring.isolated import ProbeFailed
-from bench.measuring.profile import ProfileConfig, profile_point
+from bench.measuring.profile import profile_point
 from bench.measuring.streaming import measure_stream
-from bench.measuring.train import TrainConfig, train
-from bench.running.cells import Cell
-from models.registry import make_config
+from bench.measuring.train import train
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 
@@ -35,19 +35,18 @@ def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[
     torch.manual_seed(cell.seed)
     backbone = models.build(cell.model, **cell.model_config)
     net = task.build_network(backbone, backbone.config.d_model)
-    cfg = make_config(TrainConfig, cell.run_config, "train")
-    result = train(net, task, cfg, device, desc=f"{cell.model} on {cell.task}", progress=progress)
+    result = train(net, task, cell.run_config.train, device, desc=f"{cell.model} on {cell.task}", progress=progress)
     rows: list[dict[str, Any]] = [
-        {"metric": "train_loss", "value": result.final_loss, "status": result.status},
-        {"metric": "train_steps", "value": result.steps, "status": result.status},
-        {"metric": "train_tokens_per_s", "value": result.tokens_per_s, "status": result.status},
-        {"metric": "train_wall_s", "value": result.wall_s, "status": result.status},
+        {"metric": metrics.TRAIN_LOSS, "value": result.final_loss, "status": result.status},
+        {"metric": metrics.TRAIN_STEPS, "value": result.steps, "status": result.status},
+        {"metric": metrics.TRAIN_TOKENS_PER_S, "value": result.tokens_per_s, "status": result.status},
+        {"metric": metrics.TRAIN_WALL_S, "value": result.wall_s, "status": result.status},
     ]
     if result.best_val is not None:
-        rows.append({"metric": "best_val_loss", "value": result.best_val, "status": result.status})
+        rows.append({"metric": metrics.BEST_VAL_LOSS, "value": result.best_val, "status": result.status})
     rows += [{"metric": name, "value": value, "status": result.status}
              for name, value in result.final_validation.items()]
-    rows.append({"metric": "learning_curve", "value": result.final_loss, "status": result.status,
+    rows.append({"metric": metrics.LEARNING_CURVE, "value": result.final_loss, "status": result.status,
                  "curve": result.curve()})
     if result.status == "ok":
         rows += [{**row, "status": "ok"} for row in task.evaluate(net, device)]
@@ -56,23 +55,18 @@ def run_train_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[
 
 
 def run_profile_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
-    r = dict(cell.run_config)
-    cfg = make_config(ProfileConfig, r.get("profile", {}), "profile")
-    rows = profile_point(cell.model, cell.model_config, r["n"], r["metric"], r["modes"], cfg, device,
-                         torch.get_num_threads())
-    return [{**row, "variant": r["metric"]} for row in rows]
+    rows = profile_point(cell, device, torch.get_num_threads())
+    return [{**row, "variant": cell.run_config.metric} for row in rows]
 
 
 def run_stream_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
-    r = cell.run_config
-    return measure_stream(cell.model, cell.model_config, r["total"], r["piece"], r["checkpoints"], r["budget_s"],
-                          device, torch.get_num_threads())
+    return measure_stream(cell, device, torch.get_num_threads())
 
 
 def run_dynamics_cell(cell: Cell, device: str, progress: bool = True) -> list[dict[str, Any]]:
     r = cell.run_config
-    return run_dynamics(r["stream"], r["rule"], r["n"], r["window"], seed=cell.seed, memory=r.get("memory"),
-                        train_steps=r.get("train_steps", 0))
+    return run_dynamics(r.stream, r.rule, r.n, r.window, seed=cell.seed, memory=dict(r.memory),
+                        train_steps=r.train_steps)
 
 
 RUNNERS = {"train": run_train_cell, "profile": run_profile_cell, "stream": run_stream_cell,
@@ -93,7 +87,7 @@ def run_cell(cell: Cell, device: str, threads: int, progress: bool = True) -> li
 
 def status_row(cell: Cell, status: str, detail: str) -> dict[str, Any]:
     """The one row of a cell that failed (here or on a Ray worker); n: a profile point that failed says where."""
-    return {"n": cell.run_config.get("n"), "metric": "status", "value": float("nan"), "status": status,
+    return {"n": cell.run_config.length(), "metric": metrics.STATUS, "value": float("nan"), "status": status,
             "error": detail}
 
 

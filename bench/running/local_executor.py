@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench.running.cells import Cell
+from bench.cells import Cell
 from bench.running.execute import run_cell
 from bench.running.schedule import Schedule
 

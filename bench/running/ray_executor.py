@@ -17,7 +17,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from bench.running.cells import Cell
+from bench.cells import Cell
 from bench.running.execute import identified, run_cell, status_row
 from bench.running.schedule import Schedule
 
@@ -56,11 +56,11 @@ def run_cell_remote(cell: dict[str, Any], device: str, threads: int) -> list[dic
     import torch
 
     torch.set_num_threads(threads)
-    return run_cell(Cell(**cell), device, threads, progress=False)
+    return run_cell(Cell.from_dict(cell), device, threads, progress=False)
 
 
 def exclusive(cell: Cell) -> bool:
-    return cell.kind == "stream" or (cell.kind == "profile" and cell.run_config.get("metric") in ("time", "memory"))
+    return cell.kind == "stream" or (cell.kind == "profile" and cell.run_config.metric in ("time", "memory"))
 
 
 def failed_rows(cell: Cell, err: Exception, device: str, threads: int) -> list[dict[str, Any]]:

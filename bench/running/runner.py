@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from bench.running.cells import Cell
+from bench.cells import Cell
 from bench.running.local_executor import run_local
 from bench.running.ray_executor import run_on_ray
 from bench.running.schedule import Schedule

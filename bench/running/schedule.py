@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from bench.running.cells import Cell
+from bench import metrics
+from bench.cells import Cell
 
 BUDGET_FAILURES = ("oom", "timeout", "skipped")
 
@@ -33,15 +34,16 @@ class Schedule:
         return cell, self.skipped(cell)
 
     def skipped(self, cell: Cell) -> list[dict[str, Any]] | None:
-        n = cell.run_config.get("n")
-        if cell.series not in self.failed_at or n <= self.failed_at[cell.series]:
+        """One `skipped` row per mode, under the mode's metric name, once a smaller n of the series failed."""
+        run = cell.run_config
+        if cell.series not in self.failed_at or run.length() <= self.failed_at[cell.series]:
             return None
-        return [{"kind": cell.kind, "model": cell.model, "n": n, "metric": cell.run_config.get("metric", ""),
+        return [{"kind": cell.kind, "model": cell.model, "n": run.n, "metric": metrics.profiled(run.metric, mode),
                  "value": float("nan"), "status": "skipped", "config": cell.as_dict(),
-                 "reason": f"a smaller n ({self.failed_at[cell.series]}) exceeded its budget"}]
+                 "reason": f"a smaller n ({self.failed_at[cell.series]}) exceeded its budget"} for mode in run.modes]
 
     def record(self, cell: Cell, rows: list[dict[str, Any]]) -> None:
         """Note a finished cell's outcome: a budget failure in a series skips the series' larger n."""
         if cell.series and any(r.get("status") in BUDGET_FAILURES for r in rows):
-            n = cell.run_config["n"]
+            n = cell.run_config.length()
             self.failed_at[cell.series] = min(self.failed_at.get(cell.series, n), n)

@@ -26,16 +26,17 @@ from typing import Any
 
 import models
 import tasks
-from bench.measuring.profile import METRICS, MODES, ProfileConfig
-from bench.measuring.train import TrainConfig
-from bench.running.cells import Cell
+from bench.cells import Cell, DynamicsRun, ProfileRun, StreamRun, TrainRun
+from bench.measuring.dynamics import STREAMS
+from bench.measuring.profile import METRICS
+from bench.metrics import MODES
 from models.config import ConfigError, Rule, above, at_least, check, each, make_config, one_of
-from models.memory import RULES, MemoryConfig
+from models.memory import RULES
 
 SUITES_DIR = Path(__file__).parent.parent / "suites"
 SECTIONS = ("train", "profile", "stream", "dynamics")
-STREAMS = ("stationary", "shift")
 SEED = Rule(lambda s: 0 <= s < 2**63, "in [0, 2^63)")
+DYNAMICS_MODEL = models.in_family("memory")[0]  # dynamics cells run one memory layer: rows name the memory model
 
 
 class SuiteError(ValueError):
@@ -138,33 +139,26 @@ def _models(where: str, shared: dict[str, Any], entry: Any) -> list[tuple[str, d
 
 def train_cells(where: str, shared: dict[str, Any], entry: TrainEntry) -> list[Cell]:
     tasks.build(entry.task, **entry.task_config)
-    make_config(TrainConfig, entry.train_config, "train")
-    return [Cell(kind="train", model=model, task=entry.task, seed=seed, model_config=cfg,
-                 task_config=dict(entry.task_config), run_config=dict(entry.train_config))
+    run = TrainRun.from_dict(entry.train_config)
+    return [Cell(model=model, run_config=run, task=entry.task, seed=seed, model_config=cfg,
+                 task_config=dict(entry.task_config))
             for model, cfg in _models(where, shared, entry) for seed in entry.seeds]
 
 
 def profile_cells(where: str, shared: dict[str, Any], entry: ProfileEntry) -> list[Cell]:
-    make_config(ProfileConfig, entry.profile, "profile")
-    return [Cell(kind="profile", model=model, model_config=cfg, run_config={
-                "n": n, "metric": metric, "modes": list(entry.modes), "profile": entry.profile})
+    return [Cell(model=model, model_config=cfg, run_config=ProfileRun(n, metric, entry.modes, entry.profile))
             for model, cfg in _models(where, shared, entry) for metric in entry.metrics
             for n in sorted(entry.lengths)]
 
 
 def stream_cells(where: str, shared: dict[str, Any], entry: StreamEntry) -> list[Cell]:
-    checkpoints = sorted(entry.checkpoints)
-    run = {"total": checkpoints[-1], "piece": entry.piece, "checkpoints": checkpoints, "budget_s": entry.budget_s}
-    return [Cell(kind="stream", model=m, model_config=cfg, run_config=run) for m, cfg in _models(where, shared, entry)]
+    run = StreamRun(tuple(sorted(entry.checkpoints)), entry.piece, entry.budget_s)
+    return [Cell(model=m, model_config=cfg, run_config=run) for m, cfg in _models(where, shared, entry)]
 
 
 def dynamics_cells(where: str, shared: dict[str, Any], entry: DynamicsEntry) -> list[Cell]:
-    if "rule" in entry.memory:
-        raise SuiteError(f"{where}: memory sets `rule`; list the rules in `rules` instead")
-    make_config(MemoryConfig, entry.memory, "dynamics memory")
-    return [Cell(kind="dynamics", model="lmm", seed=seed, run_config={
-                "stream": stream, "rule": rule, "n": entry.n, "window": entry.window, "memory": entry.memory,
-                **({"train_steps": entry.train_steps} if entry.train_steps else {})})
+    return [Cell(model=DYNAMICS_MODEL, seed=seed, run_config=DynamicsRun(stream, rule, entry.n, entry.window,
+                                                                           entry.memory, entry.train_steps))
             for stream in entry.streams for rule in entry.rules for seed in entry.seeds]
 
 
