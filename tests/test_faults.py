@@ -328,10 +328,13 @@ def test_a_profile_series_skips_its_larger_n_after_a_cpu_oom(tmp_path):
 
 
 def case_ctrl_c(tmp: Path) -> Outcome:
-    """SIGINT to a real `bench run` once two cells are stored, then the resume command it printed."""
+    """SIGINT to a real `bench run` once two cells are stored, then the resume command it printed. The child gets
+    SIGINT's default disposition back: under a shell's background job (`make test &`, a CI runner) SIGINT is
+    ignored and the child would inherit that, run to the end and never see the signal."""
     suite, results = suite_file(tmp, seeds=range(8), steps=40), tmp / "results"
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--suite", str(suite), "--results", str(results),
-                             "--threads", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--threads", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline, runs = time.monotonic() + 240, []
     while time.monotonic() < deadline and proc.poll() is None:
         runs = list(results.glob("*/results.csv")) if results.exists() else []
