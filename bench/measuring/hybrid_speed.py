@@ -12,7 +12,7 @@ The hybrids are the registry's `hybrid` family; their parts are the first regist
 family and the first of the `memory` family (models.first). Every model is built from its registry defaults (same
 width, depth and MLP). The models of a cell are timed
 interleaved, repeat after repeat, so that all of them see the same phases of a shared machine, and the fastest
-of `--repeats` runs after a warm-up counts, as in bench/memory_speed.py: ratios from one run, never absolute
+of `--repeats` runs after a warm-up counts, as in tools/memory_speed.py: ratios from one run, never absolute
 times across runs. tests/test_scaling_regression.py gates the same parts ratio at one short shape.
 
     python -m bench.measuring.hybrid_speed --threads 2
