@@ -78,6 +78,15 @@ def _accuracy_grid(grid: pd.DataFrame, row_labels: list[str]) -> tuple[plt.Figur
     return fig, ax
 
 
+def _finish_log_x(ax: plt.Axes, values: pd.Series) -> None:
+    """A log x axis labelled at the measured values only (no minor labels crowding them), a light grid, a legend."""
+    ticks = sorted(values.unique())
+    ax.set_xticks(ticks, [f"{int(v)}" for v in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def grid_heatmap(frame: pd.DataFrame, task: str, axis: str, model: str, out: Path) -> Path | None:
     """A task's headline over one of its declared grid axes (NIAH's needle depth, MQAR's pair count) x length,
     for one model, mean over seeds."""
@@ -117,11 +126,7 @@ def recall_vs_length(frame: pd.DataFrame, task: str, out: Path) -> list[Path]:
         ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel=spec.length_label,
                ylabel=f"{metric.replace('_', ' ')} (mean over seeds; band: seed range)",
                title=f"{variant}: {metric.replace('_', ' ')} vs length")
-        lengths = sorted(rows["n"].unique())
-        ax.set_xticks(lengths, [f"{int(n)}" for n in lengths])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        _finish_log_x(ax, rows["n"])
         made.append(_save(fig, out / f"recall_vs_length_{task}_{variant.replace('/', '-')}.png"))
     return made
 
@@ -241,10 +246,7 @@ def forecast_lookback(frame: pd.DataFrame, out: Path) -> list[Path]:
                         label=name if kind == "model" else f"({name})")
             title = f"{dataset}, horizon {horizon}" + (f"\noff scale: {', '.join(off)}" if off else "")
             ax.set(xscale="log", xlabel="look-back (steps)", ylabel="test MSE", title=title)
-            ax.set_xticks(sorted(h["lookback"].unique()), [str(v) for v in sorted(h["lookback"].unique())])
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
+            _finish_log_x(ax, h["lookback"])
         made.append(_save(fig, out / f"forecast_mse_vs_lookback_{dataset}.png"))
     return made
 
