@@ -27,10 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from models.attention import causal_mask, check_backend, masked_attention
 from models.layers import ResidualBlock, RMSNorm, rotary, rotary_tables, rotate
-from models.memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_output
+from models.memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_backprop
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 
@@ -135,16 +136,12 @@ class MemoryAsContext(nn.Module):
 
     def read(self, weights: list[Tensor], queries: Tensor, gate: Tensor, read_kv: Tensor, cos: Tensor,
              sin: Tensor) -> tuple[Tensor, Tensor]:
-        """Step 1 and h's keys and values: the memory read at the segment-start `weights` with the retrieval
-        queries [B, H, c, dh], finished as NeuralMemory.finish does with the gate sigmoid(out_gate(x)) [B, c, D]
-        computed beforehand (torch ops: at one segment's size they cost less than a call of the compiled norm),
-        projected to h's keys and values by `read_kv` [2 D, D] and the keys rotated from the segment start with
-        the tables' rows cos, sin [c, dh // 2]. Returns kh, vh [B, H, c, dh]."""
-        b, heads, n, dh = queries.shape
-        y = F.rms_norm(mlp_output(weights, queries), (dh,), self.memory.out_norm, eps=NORM_EPS)
-        h = self.memory.out(y.transpose(1, 2).reshape(b, n, heads * dh) * gate)  # [B, c, D]
-        kh, vh = self.heads(F.linear(h, read_kv))
-        return rotate(kh, cos, sin), vh
+        """Step 1 and h's keys and values (MemoryRead): the memory read at the segment-start `weights` with the
+        retrieval queries [B, H, c, dh], finished as NeuralMemory.finish does with the gate sigmoid(out_gate(x))
+        [B, c, D] computed beforehand, projected to h's keys and values by `read_kv` [2 D, D] and the keys
+        rotated from the segment start with the tables' rows cos, sin [c, dh // 2]. Returns kh, vh [B, H, c, dh]."""
+        return MemoryRead.apply(self.c.n_heads, queries, gate, self.memory.out_norm, self.memory.out.weight, read_kv,
+                                cos, sin, *weights)
 
     # ------------------------------------------------------------------------------------------------------
     # the reference: the four steps of the module docstring, one segment at a time
@@ -177,6 +174,60 @@ class MemoryAsContext(nn.Module):
             outputs.append(y)
             start = end
         return torch.cat(outputs, dim=1), state
+
+
+class MemoryRead(torch.autograd.Function):
+    """MAC's read in the chain, one node with a hand-written backward (autograd would record some forty per
+    segment, and at a segment's size their bookkeeping costs more than the arithmetic):
+        z = M(q) at the segment-start weights (mlp_forward), n = z rsqrt(mean(z^2) + eps) (per head),
+        u = (n w_norm) laid out [B, c, D] times the gate, h = u W_out^T, (k_h, v_h) = heads(h W_kv^T),
+        k_h rotated.
+    Inputs: the attention's heads A, the memory's queries q [B, H, c, dh] (H memory heads), gate [B, c, D],
+    w_norm [dh], W_out [D, D], W_kv [2 D, D], cos, sin [c, D / A // 2], then the memory weights
+    [B, H, d_l, d_{l+1}]. Returns k_h, v_h [B, A, c, D / A]. tests/test_mac.py checks it by gradcheck and the segment
+    loop (plain autograd) against it."""
+
+    @staticmethod
+    def forward(ctx, attention_heads: int, q: Tensor, gate: Tensor, w_norm: Tensor, w_out: Tensor, w_kv: Tensor,
+                cos: Tensor, sin: Tensor, *weights: Tensor):
+        zs, x = [], q  # the layers' pre-activations: all the backward needs to recompute the rest
+        for layer, w in enumerate(weights):
+            zs.append(x @ w)
+            x = F.silu(zs[-1]) if layer < len(weights) - 1 else zs[-1]
+        b, heads, c, dh = q.shape
+        u = F.rms_norm(x, (dh,), w_norm, eps=NORM_EPS).transpose(1, 2).reshape(b, c, heads * dh)
+        h = F.linear(u * gate, w_out)
+        kh, vh = F.linear(h, w_kv).view(b, c, 2, attention_heads, -1).permute(2, 0, 3, 1, 4)
+        ctx.save_for_backward(q, gate, w_norm, w_out, w_kv, cos, sin, u, h, *weights, *zs)
+        return rotate(kh, cos, sin), vh
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_kh: Tensor, g_vh: Tensor):
+        q, gate, w_norm, w_out, w_kv, cos, sin, u, h, *rest = ctx.saved_tensors
+        weights, zs = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+        b, heads, c, dh = q.shape
+        g_kv = torch.stack([rotate(g_kh, cos, -sin), g_vh]).permute(1, 3, 0, 2, 4).reshape(b, c, -1)
+        g_w_kv = g_kv.flatten(0, 1).T @ h.flatten(0, 1)
+        g_h = g_kv @ w_kv
+        g_w_out = g_h.flatten(0, 1).T @ (u * gate).flatten(0, 1)
+        g_gated = g_h @ w_out
+        g_gate = g_gated * u
+        g_scaled = (g_gated * gate).view(b, c, heads, dh).transpose(1, 2)  # of the normed read times w_norm
+        r = torch.rsqrt(zs[-1].pow(2).mean(-1, keepdim=True) + NORM_EPS)
+        normed = zs[-1] * r
+        g_w_norm = (g_scaled * normed).sum((0, 1, 2))
+        g_normed = g_scaled * w_norm
+        g_z = r * (g_normed - normed * (g_normed * normed).mean(-1, keepdim=True))
+        hs, slopes = [q], []
+        for z in zs[:-1]:
+            s = torch.sigmoid(z)
+            hs.append(z * s)
+            slopes.append(torch.addcmul(s, s, z - hs[-1]))  # silu'(z), as mlp_forward gives it
+        ds = mlp_backprop(list(weights), slopes, g_z)
+        g_weights = [x.transpose(-1, -2) @ d for x, d in zip(hs, ds, strict=True)]
+        g_q = ds[0] @ weights[0].transpose(-1, -2)
+        return None, g_q, g_gate, g_w_norm, g_w_out, g_w_kv, None, None, *g_weights
 
 
 class MAC(TitansStack):

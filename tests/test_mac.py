@@ -131,3 +131,27 @@ def test_memory_write_then_finish_equals_the_memory_layer(n):
     for key in ("weights", "momentum", "anchor") if state["offset"] else ("weights", "momentum"):
         for t, t_expected in zip(state[key], state_expected[key], strict=True):
             torch.testing.assert_close(t, t_expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("depth,dh,attention_heads", [(2, 4, 2), (1, 4, 4), (3, 5, 2)],
+                         ids=["depth 2", "depth 1, the memory's own heads", "depth 3, odd heads"])
+def test_memory_read_backward_passes_gradcheck(depth, dh, attention_heads):
+    """MAC's read in the chain has a hand-written backward (MemoryRead): every input's gradient, the memory
+    weights' included, against finite differences; an odd head width leaves a channel unrotated, and the
+    attention may have other heads than the memory."""
+    from models.layers import rotary_tables
+    from models.mac import MemoryRead
+
+    g = torch.Generator().manual_seed(7)
+    b, heads, c, hidden = 2, 2, 3, 6
+    widths = [dh] + [hidden] * (depth - 1) + [dh]
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    cos, sin = rotary_tables(0, c, heads * dh // attention_heads, 10000.0, torch.float64, torch.device("cpu"))
+    inputs = (rand(b, heads, c, dh), torch.rand(b, c, heads * dh, generator=g, dtype=torch.float64).requires_grad_(),
+              rand(dh), rand(heads * dh, heads * dh, scale=0.3), rand(2 * heads * dh, heads * dh, scale=0.3))
+    weights = [rand(b, heads, a, w, scale=0.5) for a, w in zip(widths, widths[1:], strict=False)]
+    assert torch.autograd.gradcheck(lambda *t: MemoryRead.apply(attention_heads, *t[:5], cos, sin, *t[5:]),
+                                    (*inputs, *weights))

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from models.memory import native
+from models.memory.compiled import Group, compiled_scan
 
 
 def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
@@ -58,13 +59,6 @@ def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict
         "mix": mix.unflatten(-1, (2, 2)),  # [.., 2, 2]: (W, S) -> (B_c W + BC_c S, A_c S), then minus the writes
         "write": torch.stack([g[..., -1, :], s_coef], -2)[..., None, :],  # (G[c, i], theta_i A_c / A_i), [.., 2, 1, c]
     }
-
-
-def coefficients(compiled: bool, log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
-    """chunk_coefficients, compiled when the scan that uses them is (`compiled`, decided once by chunked_scan)."""
-    if not compiled:
-        return chunk_coefficients(log_eta, log_keep, theta)
-    return dict(zip(("G", "BBC", "mix", "write"), native.coefficients(log_eta, log_keep, theta), strict=True))
 
 
 @contextmanager
@@ -339,49 +333,38 @@ def chunked_scan(
     key's gradient norm as in reference_scan."""
     batch, heads, n = q.shape[:3]
     bound = clip / 2  # the loops clip d = M(k) - v, half of dl/dM(k)
-    depth, rows = len(weights), [w.shape[-2] for w in weights]
+    groups, start = [], 0
     first = min(n, chunk - offset) if offset else 0
     whole = (n - first) // chunk
-    groups = [(size, count) for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1))
-              if size and count]
-    lengths = [size * count for size, count in groups]
-    # one group (a call of whole chunks, as MAC's segments are) is not split: a split records a node in training
-    pieces = [x.split(lengths, dim=-2) if len(groups) > 1 else (x,) for x in (q, k, v)]
-    gates = [x.split(lengths, dim=-1) if len(groups) > 1 else (x,)
-             for x in (log_eta, log_keep, 2 * theta)]  # 2: dl/dM(k) = 2 (M(k) - v)
+    for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1)):
+        if size and count:
+            subs = size // read_chunk if size > read_chunk and size % read_chunk == 0 else 1
+            groups.append(Group(start, size, count, subs, continued=(offset + start) % chunk != 0))
+            start += size * count
+    theta = 2 * theta  # dl/dM(k) = 2 (M(k) - v)
+    if native.use_native(kernel, *weights, *momentum, *anchor, q, k, v, log_eta, log_keep, theta):
+        return compiled_scan(weights, momentum, anchor, groups, q, k, v, log_eta, log_keep, theta, bound)
+    depth, rows = len(weights), [w.shape[-2] for w in weights]
     states = [torch.cat([w, s], -2).flatten(0, 1) for w, s in zip(weights, momentum, strict=True)]
     anchor = [a.flatten(0, 1) for a in anchor]
-    inference = not (torch.is_grad_enabled() and any(
-        t.requires_grad for t in (*weights, *momentum, *anchor, q, k, v, log_eta, log_keep, theta)))
-    compiled = native.use_native(kernel, *states, *anchor, q, k, v, log_eta, log_keep, theta)
 
-    def per_unit(x: Tensor, units: int) -> Tensor:  # [B, H, units u, ...] -> [B H, units, u, ...], or chunk-major
-        x = x.flatten(0, 1).unflatten(1, (units, -1))
-        return x if compiled else x.transpose(0, 1)
+    def per_unit(x: Tensor, group: Group, units: int) -> Tensor:  # [B, H, n, ...] -> [units, B H, u, ...]
+        return x[:, :, group.start : group.end].flatten(0, 1).unflatten(1, (units, -1)).transpose(0, 1)
 
-    ys, start = [], 0
-    for i, (size, count) in enumerate(groups):
-        continued = (offset + start) % chunk != 0
-        subs = size // read_chunk if size > read_chunk and size % read_chunk == 0 else 1
-        co = coefficients(compiled, *(per_unit(g[i], count * subs) for g in gates))
-        kc, vc = (per_unit(p[i], count) for p in pieces[1:])  # [B H, m, c, dh] or [m, B H, c, dh]
+    ys = []
+    for group in groups:
+        subs = group.subs
+        co = chunk_coefficients(*(per_unit(g, group, group.count * subs) for g in (log_eta, log_keep, theta)))
+        kc, vc = (per_unit(x, group, group.count) for x in (k, v))  # [m, B H, c, dh]
         # a chunk begun in an earlier call keeps its anchor; a new chunk is anchored at its start weights
-        anchor = anchor if continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]
-        qc = per_unit(pieces[0][i], count * subs)  # [B H, m s, r, dh] or [m s, B H, r, dh]
-        keys = (*states, *anchor, kc, vc, co["write"], co["mix"])
-        if not compiled:
-            out = KeyScan.apply(depth, bound, *keys)
-            path, states = out[:depth], out[depth : 2 * depth]
-            zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
-            hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
-            y = read_chunks(path, hs, ds, qc, co).transpose(0, 1)
-        elif inference:  # reads as it scans and stores no path
-            y, states = native.scan_read(states, anchor, kc, vc, co["write"], co["mix"], qc, co["G"], co["BBC"], bound)
-        else:
-            y, states = native.scan_read_recorded(states, anchor, kc, vc, co["write"], co["mix"], qc, co["G"],
-                                                  co["BBC"], bound)[:2]
-        ys.append(y.unflatten(0, (batch, heads)).flatten(2, 3))  # a view for the compiled loops' layout
-        start += size * count
+        anchor = anchor if group.continued else [s[:, :r] for s, r in zip(states, rows, strict=True)]
+        qc = per_unit(q, group, group.count * subs)  # [m s, B H, r, dh]
+        out = KeyScan.apply(depth, bound, *states, *anchor, kc, vc, co["write"], co["mix"])
+        path, states = out[:depth], out[depth : 2 * depth]
+        zs, ds = out[2 * depth : 3 * depth - 1], out[3 * depth - 1 :]
+        hs, ds = ([to_subchunks(x, subs).flatten(0, 1) for x in xs] for xs in ([kc, *map(F.silu, zs)], ds))
+        y = read_chunks(path, hs, ds, qc, co).transpose(0, 1)
+        ys.append(y.unflatten(0, (batch, heads)).flatten(2, 3))
     weights, momentum = ([s[:, r:] if part else s[:, :r] for s, r in zip(states, rows, strict=True)] for part in (0, 1))
     weights, momentum, anchor = ([t.unflatten(0, (batch, heads)) for t in ts] for ts in (weights, momentum, anchor))
     return torch.cat(ys, dim=-2) if len(ys) > 1 else ys[0], weights, momentum, anchor

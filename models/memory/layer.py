@@ -1,6 +1,6 @@
 """The memory layer: projections, gates and the output pipeline around the memory scan, which it runs by
-calling the ops (`naive.reference_scan`, `chunked.chunked_scan`, the compiled pointwise operators of `native`
-or their torch versions here)."""
+calling the ops (`naive.reference_scan`, `chunked.chunked_scan`, the compiled pointwise operators of `native`,
+the projection's as one node from `compiled`, or their torch versions here)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from torch.autograd.function import once_differentiable
 
 from models.memory import native
 from models.memory.chunked import chunked_scan
+from models.memory.compiled import CompiledProjection, gate_activations
 from models.memory.naive import mlp_forward, reference_scan
-from models.memory.rule import NO_MOMENTUM_LOG, NORM_EPS, STANDALONE_HEADS, MemoryConfig
+from models.memory.rule import NORM_EPS, STANDALONE_HEADS, MemoryConfig
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -130,17 +131,15 @@ class NeuralMemory(nn.Module):
         tail, p = state["conv"], self.qkv(x)  # the last kernel - 1 projections before x, then x's: [B, ., 3D]
         before = p if n >= c.conv_kernel - 1 else torch.cat([tail, p], dim=1)
         new_tail = before[:, before.shape[1] - (c.conv_kernel - 1):]
-        if native.use_native(c.kernel, tail, p, self.conv.weight, self.conv.bias):
-            q, k, v = native.conv_activate_normalise(tail, p, self.conv.weight, self.conv.bias, h)
-        else:
-            u = F.silu(self.conv(torch.cat([tail, p], dim=1)))
-            q, k, v = u.view(b, n, 3, h, self.dh).permute(2, 0, 3, 1, 4).contiguous()  # [B, H, N, dh] each
-            q, k = l2_normalise(q), l2_normalise(k)
-        theta_l, eta_l, alpha_l = self.gates(x).view(b, n, 3, h).permute(2, 0, 3, 1)  # [B, H, N] each
-        theta = c.max_lr * torch.sigmoid(theta_l)
-        log_eta = F.logsigmoid(eta_l) if c.momentum else torch.full_like(eta_l, NO_MOMENTUM_LOG)
-        log_keep = F.logsigmoid(-alpha_l) if c.forgetting else torch.zeros_like(alpha_l)
-        return q, k, v, log_eta, log_keep, theta, new_tail
+        logits = self.gates(x)  # theta, eta, alpha per head: [B, N, 3 H]
+        if native.use_native(c.kernel, tail, p, self.conv.weight, self.conv.bias, logits):
+            q, k, v, log_eta, log_keep, theta = CompiledProjection.apply(
+                tail, p, self.conv.weight, self.conv.bias, logits, h, c.max_lr, c.momentum, c.forgetting)
+            return q, k, v, log_eta, log_keep, theta, new_tail
+        u = F.silu(self.conv(torch.cat([tail, p], dim=1)))
+        q, k, v = u.view(b, n, 3, h, self.dh).permute(2, 0, 3, 1, 4).contiguous()  # [B, H, N, dh] each
+        q, k = l2_normalise(q), l2_normalise(k)
+        return q, k, v, *gate_activations(logits, h, c.max_lr, c.momentum, c.forgetting), new_tail
 
     def forward(
         self, x: Tensor, state: dict[str, Any] | None = None, diagnostics: dict[str, list] | None = None

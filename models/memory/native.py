@@ -12,7 +12,8 @@ warning that says why.
 
 As operators they carry what the dispatcher needs: declared schemas, shape functions (`register_fake`: fake and
 meta tensors trace through them without the library), autograd (`register_autograd`: each forward's backward is
-an operator too) and FLOP formulas, so that FlopCounterMode counts the compiled code that is timed. The formulas
+an operator too; the model calls them inside the few nodes of `compiled`, through `direct`) and FLOP formulas,
+so that FlopCounterMode counts the compiled code that is timed. The formulas
 count the products of the torch path, operation for operation (`chunked`: scan_keys, read_chunks,
 scan_keys_backward, and autograd through chunk_coefficients and read_chunks), so that both kernels report equal
 FLOPs. Two differences are conventions, not work left out: the compiled backward recomputes each chunk's reads
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
 
 SOURCE = Path(__file__).with_name("native_scan.cpp")
@@ -143,6 +145,26 @@ def use_native(kernel: str, *tensors: Tensor) -> bool:
     return ok
 
 
+_KERNELS: dict[Any, Any] = {}  # each operator's Python kernel, for `direct`
+
+
+def operator(name: str) -> Any:
+    """Registers the decorated function as the operator titans_bench::`name` (no argument mutated) and keeps
+    the function itself for `direct`."""
+    def register(kernel: Any) -> Any:
+        op = torch.library.custom_op(f"titans_bench::{name}", mutates_args=())(kernel)
+        _KERNELS[op] = kernel
+        return op
+    return register
+
+
+def direct(op: Any, *args: Any) -> Any:
+    """Calls an operator's kernel without autograd, through the dispatcher only while a dispatch mode watches
+    (FlopCounterMode, fake tensors): that is all the dispatcher adds here, and it costs some 30 us a call in
+    Python, a third of the compiled scan of a 64-token segment (MAC calls it hundreds of times a step)."""
+    return op(*args) if _get_current_dispatch_mode() is not None else _KERNELS[op](*args)
+
+
 def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
     """Calls the library's `name` for `dtype` with tensors passed as their data, lists of tensors as arrays of
     it, and the thread count last. The arguments stay referenced here for the whole call, so no temporary
@@ -220,7 +242,7 @@ def _scan_flops(states: list, k: Any, write: Any) -> tuple[int, int, int]:
 # the gate coefficients
 
 
-@torch.library.custom_op("titans_bench::coefficients", mutates_args=())
+@operator("coefficients")
 def coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The math of chunked.chunk_coefficients for gates [..., r] of one dtype: G [.., r, r], BBC [.., r, 2, 1],
     mix [.., 2, 2], write [.., 2, 1, r]."""
@@ -238,7 +260,7 @@ def _coefficients_fake(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> tupl
             log_eta.new_empty(*lead, 2, 1, r))
 
 
-@torch.library.custom_op("titans_bench::coefficients_backward", mutates_args=())
+@operator("coefficients_backward")
 def coefficients_backward(log_eta: Tensor, log_keep: Tensor, theta: Tensor, g_G: Tensor, g_BBC: Tensor,
                           g_mix: Tensor, g_write: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `coefficients` with respect to the three gates, from those of G, BBC, mix and write."""
@@ -297,7 +319,7 @@ def _scan(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, writ
     return y
 
 
-@torch.library.custom_op("titans_bench::scan_read", mutates_args=())
+@operator("scan_read")
 def scan_read(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor,
               q: Tensor, G: Tensor, BBC: Tensor, bound: float) -> tuple[Tensor, list[Tensor]]:
     """Inference: chunked.scan_keys with every sub-chunk's queries read from the running state as it goes (the
@@ -315,7 +337,7 @@ def _scan_read_fake(states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Te
     return q.new_empty(*q.shape[:-1], states[-1].shape[-1]), [s.new_empty(s.shape) for s in states]
 
 
-@torch.library.custom_op("titans_bench::scan_read_recorded", mutates_args=())
+@operator("scan_read_recorded")
 def scan_read_recorded(
     states: list[Tensor], anchor: list[Tensor], k: Tensor, v: Tensor, write: Tensor, mix: Tensor, q: Tensor,
     G: Tensor, BBC: Tensor, bound: float,
@@ -341,7 +363,7 @@ def _scan_read_recorded_fake(states: list[Tensor], anchor: list[Tensor], k: Tens
     return y, [s.new_empty(s.shape) for s in states], path, zs, ds, k.new_empty((pairs, m, c) if bound else (0,))
 
 
-@torch.library.custom_op("titans_bench::scan_read_backward", mutates_args=())
+@operator("scan_read_backward")
 def scan_read_backward(anchor: list[Tensor], k: Tensor, write: Tensor, mix: Tensor, path: list[Tensor],
                        zs: list[Tensor], ds: list[Tensor], q: Tensor, G: Tensor, BBC: Tensor, g_y: Tensor,
                        g_end: list[Tensor], scales: Tensor, bound: float) -> tuple[list[Tensor], list[Tensor], Tensor,
@@ -413,7 +435,7 @@ def _scan_read_backward_flops(anchor: list, k: Any, write: Any, mix: Any, path: 
 # the layer's pointwise work around the scan
 
 
-@torch.library.custom_op("titans_bench::conv_activate_normalise", mutates_args=())
+@operator("conv_activate_normalise")
 def conv_activate_normalise(tail: Tensor, p: Tensor, weight: Tensor, bias: Tensor,
                             heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """NeuralMemory.project's pointwise part: the causal depthwise conv over (tail; p) [B, K - 1 + N, 3 H dh],
@@ -435,7 +457,7 @@ def _conv_fake(tail: Tensor, p: Tensor, weight: Tensor, bias: Tensor, heads: int
     return tuple(p.new_empty(batch, heads, n, channels // (3 * heads)) for _ in range(3))
 
 
-@torch.library.custom_op("titans_bench::conv_activate_normalise_backward", mutates_args=())
+@operator("conv_activate_normalise_backward")
 def conv_activate_normalise_backward(tail: Tensor, p: Tensor, weight: Tensor, bias: Tensor,
                                      grads: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """From the gradients of q, k, v to those of tail, p, the conv weight and its bias. The activations are
@@ -469,7 +491,7 @@ def _conv_autograd(ctx: Any, *grads: Tensor) -> tuple:
 conv_activate_normalise.register_autograd(_conv_autograd, setup_context=_conv_setup)
 
 
-@torch.library.custom_op("titans_bench::norm_gate", mutates_args=())
+@operator("norm_gate")
 def norm_gate(y: Tensor, weight: Tensor, logits: Tensor, eps: float) -> Tensor:
     """NeuralMemory.finish's pointwise part: each head's read y [B, H, N, dh] RMS-normed with `weight`, laid out
     tokens major and gated by sigmoid(logits) [B, N, H dh]."""
@@ -487,7 +509,7 @@ def _norm_gate_fake(y: Tensor, weight: Tensor, logits: Tensor, eps: float) -> Te
     return logits.new_empty(logits.shape)
 
 
-@torch.library.custom_op("titans_bench::norm_gate_backward", mutates_args=())
+@operator("norm_gate_backward")
 def norm_gate_backward(y: Tensor, weight: Tensor, logits: Tensor, eps: float,
                        g_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """From the gradient of norm_gate's output to those of y, weight and logits."""

@@ -18,6 +18,8 @@ layer that only calls them):
   tested reference of the compiled ones);
 - `native`: the compiled CPU loops (native_scan.cpp) registered as torch operators `titans_bench::*`, with
   shape functions, autograd and FLOP formulas;
+- `compiled`: the operators composed into few autograd nodes with hand-written backwards (chunked_scan's
+  compiled path, and the layer's projection), since per-node bookkeeping outweighs small calls' arithmetic;
 - `layer`: NeuralMemory, which projects, gates, scans and finishes by calling the above.
 
 Choices the paper leaves open (config values, defaults in MemoryConfig): memory MLP depth and hidden
