@@ -15,10 +15,13 @@ for all segments together: the projections of x and their rotary positions, the 
 retrieval queries and the read's output gate, the masks, the rotary tables; and after the last segment,
 step 4 and the memory's own output step (norm, gate, projection of its reads: nothing in the chain consumes
 them). What is left per segment is the chain itself, each step batched over batch and heads and kept to few
-dispatches (at n = 16K a block runs 256 steps, each of dozens of small kernels, so per-kernel overhead is most
-of MAC's time): the read at the segment-start weights and h's keys and values from it, the attention, the
-write (NeuralMemory.write: the projections and the compiled scan). The `mac_path="segment_loop"` reference
-runs the four steps segment by segment as written above; the tests hold the two equal."""
+dispatches and few autograd nodes (at n = 16K a block runs 256 steps of dozens of small kernels, so per-kernel
+and per-node overhead is most of MAC's time): the read at the segment-start weights and h's keys and values
+from it (MemoryRead, one node with a hand-written backward), the attention, the write (NeuralMemory.write: the
+projections, then the compiled conv and gates and the compiled scan, one node each; models/memory/compiled.py).
+A training step records some 33 nodes per segment and block (106 before these nodes). The
+`mac_path="segment_loop"` reference runs the four steps segment by segment as written above, its read through
+the memory layer's own read with plain autograd; the tests hold the two equal."""
 
 from __future__ import annotations
 

@@ -155,3 +155,28 @@ def test_memory_read_backward_passes_gradcheck(depth, dh, attention_heads):
     weights = [rand(b, heads, a, w, scale=0.5) for a, w in zip(widths, widths[1:], strict=False)]
     assert torch.autograd.gradcheck(lambda *t: MemoryRead.apply(attention_heads, *t[:5], cos, sin, *t[5:]),
                                     (*inputs, *weights))
+
+
+def autograd_nodes(y: torch.Tensor) -> int:
+    """Nodes of the graph behind y."""
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack += [child for child, _ in node.next_functions]
+    return len(seen)
+
+
+def test_each_segment_of_the_chain_records_few_autograd_nodes():
+    """The chain's cost guard that does not time anything: at a segment's size, autograd's per-node bookkeeping
+    costs more than the arithmetic, so a segment of one block may add at most 40 nodes to a training graph (33
+    now: read, attention, write norm, the memory's projections and its two compiled nodes; 106 when most ops
+    were nodes of their own, and MAC's training step at 16K took a quarter longer)."""
+    from models.mac import MemoryAsContext
+    from models.titans import TitansConfig
+
+    torch.manual_seed(0)
+    block = MemoryAsContext(TitansConfig())
+    nodes = [autograd_nodes(block(torch.randn(1, n, 64, requires_grad=True))[0]) for n in (128, 192, 256)]
+    assert nodes[1] - nodes[0] == nodes[2] - nodes[1] <= 40, nodes

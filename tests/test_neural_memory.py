@@ -242,6 +242,25 @@ def test_inner_gradient_clip_keeps_a_captured_exploding_memory_bounded(kernel):
         assert (norm < 10) == finite, (clip, norm)
 
 
+@needs_native
+def test_compiled_nodes_equal_the_torch_ops_on_captured_training_inputs_streamed_mid_chunk():
+    # the compiled path's autograd nodes (projection, and every group of the scan chained through the state) at
+    # the magnitudes training reached, in float64: a call that ends inside a chunk, then one that continues it
+    # (its anchor carried, three groups), the loss reading both calls' outputs and the end state
+    results = []
+    for kernel in ("torch", "native"):
+        layer, x = captured("memory_inner_loop_explodes_fp32.pt", kernel=kernel)
+        layer = layer.double()
+        x = x.double().requires_grad_(True)
+        y1, state = layer(x[:, :21])
+        y2, state = layer(x[:, 21:60], state)  # 11 tokens to the chunk boundary, 16, then 12
+        loss = y1.pow(2).sum() + y2.sin().sum() + sum(w.pow(2).sum() for w in state["weights"] + state["anchor"])
+        results.append([y1, y2, *torch.autograd.grad(loss, [x, *layer.parameters()])])
+    for name, e, a in zip(["y1", "y2", "x", *(n for n, _ in layer.named_parameters())], *results, strict=True):
+        assert torch.isfinite(e).all() and e.abs().max() > 0, name
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9 * e.abs().max().item(), msg=name)
+
+
 def layer_pair(depth=2, chunk=16, **kw):
     torch.manual_seed(3)
     chunked = NeuralMemory(32, MemoryConfig(depth=depth, chunk=chunk, **kw)).double()
