@@ -7,9 +7,10 @@ concatenated states, the per-unit views and slices of every input and output), a
 (64 tokens, a few hundred per training step at 16K) their bookkeeping costs several times the compiled
 arithmetic. Here the forward runs the operators without autograd and saves what their backwards read; the
 backward runs the groups in reverse, chaining each group's state gradient into the one before, and returns
-the gradients of the inputs as chunked_scan takes them. The operators are still called through the
-dispatcher, so FlopCounterMode counts them as before. The torch loops (`chunked`) stay the reference:
-tests/test_neural_memory.py holds the two equal, values and gradients.
+the gradients of the inputs as chunked_scan takes them. The operators are called by `native.direct`: past
+the dispatcher, or through it while a dispatch mode watches, so FlopCounterMode counts them as before. The
+torch loops (`chunked`) stay the reference: tests/test_neural_memory.py holds the two equal, values and
+gradients, on random and on captured training inputs.
 
 Layouts (see native_scan.cpp): pairs major, P = batch * heads; a group of `count` chunks of `size` tokens,
 each read in `subs` sub-chunks of r = size / subs tokens, takes k, v as [P, count, size, d] and q and the
