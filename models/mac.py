@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from models.attention import causal_mask, check_backend, masked_attention
 from models.layers import ResidualBlock, RMSNorm, rotary, rotary_tables, rotate
-from models.memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_backprop
+from models.memory import NORM_EPS, NeuralMemory, l2_normalise, mlp_backprop, mlp_forward, mlp_output
 from models.titans import MemoryGate, TitansConfig, TitansStack
 
 
@@ -193,22 +193,17 @@ class MemoryRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attention_heads: int, q: Tensor, gate: Tensor, w_norm: Tensor, w_out: Tensor, w_kv: Tensor,
                 cos: Tensor, sin: Tensor, *weights: Tensor):
-        zs, x = [], q  # the layers' pre-activations: all the backward needs to recompute the rest
-        for layer, w in enumerate(weights):
-            zs.append(x @ w)
-            x = F.silu(zs[-1]) if layer < len(weights) - 1 else zs[-1]
         b, heads, c, dh = q.shape
-        u = F.rms_norm(x, (dh,), w_norm, eps=NORM_EPS).transpose(1, 2).reshape(b, c, heads * dh)
+        u = F.rms_norm(mlp_output(weights, q), (dh,), w_norm, eps=NORM_EPS).transpose(1, 2).reshape(b, c, heads * dh)
         h = F.linear(u * gate, w_out)
         kh, vh = F.linear(h, w_kv).view(b, c, 2, attention_heads, -1).permute(2, 0, 3, 1, 4)
-        ctx.save_for_backward(q, gate, w_norm, w_out, w_kv, cos, sin, u, h, *weights, *zs)
+        ctx.save_for_backward(q, gate, w_norm, w_out, w_kv, cos, sin, u, h, *weights)
         return rotate(kh, cos, sin), vh
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_kh: Tensor, g_vh: Tensor):
-        q, gate, w_norm, w_out, w_kv, cos, sin, u, h, *rest = ctx.saved_tensors
-        weights, zs = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+        q, gate, w_norm, w_out, w_kv, cos, sin, u, h, *weights = ctx.saved_tensors
         b, heads, c, dh = q.shape
         g_kv = torch.stack([rotate(g_kh, cos, -sin), g_vh]).permute(1, 3, 0, 2, 4).reshape(b, c, -1)
         g_w_kv = g_kv.flatten(0, 1).T @ h.flatten(0, 1)
@@ -217,18 +212,14 @@ class MemoryRead(torch.autograd.Function):
         g_gated = g_h @ w_out
         g_gate = g_gated * u
         g_scaled = (g_gated * gate).view(b, c, heads, dh).transpose(1, 2)  # of the normed read times w_norm
-        r = torch.rsqrt(zs[-1].pow(2).mean(-1, keepdim=True) + NORM_EPS)
-        normed = zs[-1] * r
+        hs, slopes = mlp_forward(weights, q)  # recomputed: the layers' inputs, the read hs[-1] and the slopes
+        r = torch.rsqrt(hs[-1].pow(2).mean(-1, keepdim=True) + NORM_EPS)
+        normed = hs[-1] * r
         g_w_norm = (g_scaled * normed).sum((0, 1, 2))
         g_normed = g_scaled * w_norm
         g_z = r * (g_normed - normed * (g_normed * normed).mean(-1, keepdim=True))
-        hs, slopes = [q], []
-        for z in zs[:-1]:
-            s = torch.sigmoid(z)
-            hs.append(z * s)
-            slopes.append(torch.addcmul(s, s, z - hs[-1]))  # silu'(z), as mlp_forward gives it
-        ds = mlp_backprop(list(weights), slopes, g_z)
-        g_weights = [x.transpose(-1, -2) @ d for x, d in zip(hs, ds, strict=True)]
+        ds = mlp_backprop(weights, slopes, g_z)
+        g_weights = [x.transpose(-1, -2) @ d for x, d in zip(hs, ds, strict=False)]  # hs: inputs, then output
         g_q = ds[0] @ weights[0].transpose(-1, -2)
         return None, g_q, g_gate, g_w_norm, g_w_out, g_w_kv, None, None, *g_weights
 

@@ -105,7 +105,7 @@ class CompiledScan(torch.autograd.Function):
         saved: list[tuple] = []
         y, *ends = forward_groups(weights, momentum, anchor, groups, q, k, v, tuple(gates), bound, saved)
         ctx.bound, ctx.groups, ctx.groups_saved = bound, groups, saved
-        ctx.rows, ctx.batch_heads = [w.shape[-2] for w in weights], q.shape[:2]
+        ctx.shapes, ctx.dtype = [w.shape for w in weights], q.dtype  # [B, H, R, C] per layer
         ctx.set_materialize_grads(False)
         # new tensors: an output that viewed the state or an input would share its storage
         return (y, *(t.unflatten(0, q.shape[:2]).clone() for ts in ends for t in ts))
@@ -113,17 +113,15 @@ class CompiledScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_y: Tensor | None, *g_out: Tensor | None):
-        rows, (batch, heads), saved = ctx.rows, ctx.batch_heads, ctx.groups_saved
-        depth = len(rows)
-        like = [p[:, 0] for p in saved[-1][8]]  # [B H, 2 R, C] per layer, from the last group's path
-        g_states, g_anchor = [torch.zeros_like(s) for s in like], [torch.zeros_like(s[:, :r]) for s, r in
-                                                                   zip(like, rows, strict=True)]
-        for i, r in enumerate(rows):
-            for g, rows_of in ((g_out[i], slice(None, r)), (g_out[depth + i], slice(r, None))):
-                if g is not None:
-                    g_states[i][:, rows_of] = g.flatten(0, 1)
-            if g_out[2 * depth + i] is not None:
-                g_anchor[i] = g_out[2 * depth + i].flatten(0, 1)
+        shapes, saved = ctx.shapes, ctx.groups_saved
+        depth, (batch, heads), rows = len(shapes), shapes[0][:2], [shape[-2] for shape in shapes]
+
+        def pairs_major(g: Tensor | None, shape: torch.Size) -> Tensor:  # an output's gradient, zero when unused
+            return (g if g is not None else torch.zeros(shape, dtype=ctx.dtype)).flatten(0, 1)
+
+        g_states = [torch.cat([pairs_major(g_out[i], shape), pairs_major(g_out[depth + i], shape)], -2)
+                    for i, shape in enumerate(shapes)]
+        g_anchor = [pairs_major(g_out[2 * depth + i], shape) for i, shape in enumerate(shapes)]
         pieces: list[list[Tensor]] = []  # per group, in reverse: q, k, v, then the three gates
         for group, (unit_gates, anchor, kc, write, mix, qc, G, BBC, path, zs, ds, scales) in zip(
                 reversed(ctx.groups), reversed(saved), strict=True):
@@ -183,8 +181,8 @@ class CompiledProjection(torch.autograd.Function):
     def backward(ctx, g_q, g_k, g_v, g_log_eta, g_log_keep, g_theta):
         tail, p, weight, bias, logits = ctx.saved_tensors
         batch, n = p.shape[:2]
-        like = torch.empty(batch, ctx.heads, n, p.shape[-1] // (3 * ctx.heads), dtype=p.dtype)
-        grads = [g if g is not None else torch.zeros_like(like) for g in (g_q, g_k, g_v)]
+        shape = (batch, ctx.heads, n, p.shape[-1] // (3 * ctx.heads))
+        grads = [g if g is not None else p.new_zeros(shape) for g in (g_q, g_k, g_v)]
         g_tail, g_p, g_weight, g_bias = native.direct(native.conv_activate_normalise_backward, tail, p, weight,
                                                       bias, grads)
         s_theta, s_eta, s_alpha = gate_logits(torch.sigmoid(logits), ctx.heads)

@@ -6,6 +6,7 @@ other paths and MAC's read reuse."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -23,6 +24,14 @@ def mlp_forward(weights: list[Tensor], x: Tensor) -> tuple[list[Tensor], list[Te
         else:
             hs.append(z)
     return hs, slopes
+
+
+def mlp_output(weights: list[Tensor], x: Tensor) -> Tensor:
+    """The memory's output M(x) alone, as `mlp_forward`'s last h_L but without its inputs and slopes (MAC's read
+    in its segment chain, where each saved op counts)."""
+    for layer, w in enumerate(weights):
+        x = x @ w if layer == len(weights) - 1 else F.silu(x @ w)
+    return x
 
 
 def mlp_backprop(weights: list[Tensor], slopes: list[Tensor], d_out: Tensor) -> list[Tensor]:
