@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SmallWrite, graph_nodes, needs_native
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.memory import (
@@ -27,8 +28,6 @@ from models.memory.layer import ShiftedProducts
 from models.memory.native import use_native
 
 FIXTURES = Path(__file__).parent / "fixtures"
-needs_native = pytest.mark.skipif(not native.available(),
-                                  reason="no C++ compiler: the compiled scan is unavailable")
 KERNELS = ["torch", pytest.param("native", marks=needs_native)]
 
 
@@ -243,18 +242,24 @@ def test_inner_gradient_clip_keeps_a_captured_exploding_memory_bounded(kernel):
 
 
 @needs_native
-def test_compiled_nodes_equal_the_torch_ops_on_captured_training_inputs_streamed_mid_chunk():
-    # the compiled path's autograd nodes (projection, and every group of the scan chained through the state) at
-    # the magnitudes training reached, in float64: a call that ends inside a chunk, then one that continues it
-    # (its anchor carried, three groups), the loss reading both calls' outputs and the end state
+@pytest.mark.parametrize("cut,end,node", [(21, 60, "CompiledScanBackward"), (32, 48, "CompiledWriteBackward")],
+                         ids=["mid-chunk", "whole chunks"])
+def test_compiled_nodes_equal_the_torch_ops_on_captured_training_inputs(cut, end, node):
+    # the compiled path's autograd nodes at the magnitudes training reached, in float64, over two calls chained
+    # through the state, the loss reading both calls' outputs and the end state. Cut mid-chunk: a call that ends
+    # inside a chunk, then one that continues it (its anchor carried; 11 tokens to the chunk boundary, 16, then
+    # 12: three groups), through the projection's node and the scan's. Whole chunks: each call one group, through
+    # the one-call write (CompiledWrite)
     results = []
     for kernel in ("torch", "native"):
         layer, x = captured("memory_inner_loop_explodes_fp32.pt", kernel=kernel)
         layer = layer.double()
         x = x.double().requires_grad_(True)
-        y1, state = layer(x[:, :21])
-        y2, state = layer(x[:, 21:60], state)  # 11 tokens to the chunk boundary, 16, then 12
-        loss = y1.pow(2).sum() + y2.sin().sum() + sum(w.pow(2).sum() for w in state["weights"] + state["anchor"])
+        y1, state = layer(x[:, :cut])
+        y2, state = layer(x[:, cut:end], state)
+        assert (node in {type(n).__name__ for n in graph_nodes(y2)}) == (kernel == "native")
+        loss = y1.pow(2).sum() + y2.sin().sum() + sum(w.pow(2).sum() for w in
+                                                      state["weights"] + state["momentum"] + state["anchor"])
         results.append([y1, y2, *torch.autograd.grad(loss, [x, *layer.parameters()])])
     for name, e, a in zip(["y1", "y2", "x", *(n for n, _ in layer.named_parameters())], *results, strict=True):
         assert torch.isfinite(e).all() and e.abs().max() > 0, name
@@ -427,7 +432,8 @@ def test_compiled_conv_norms_and_output_gate_equal_the_torch_ops_forward_and_bac
     try:
         for layer in layers:
             leaves = [t.clone().requires_grad_(True) for t in (x, tail, y)]
-            *outs, new_tail = layer.project(leaves[0], {"conv": leaves[1]})
+            tail, p, logits = layer.projections(leaves[0], {"conv": leaves[1]})
+            outs, new_tail = list(layer.project(tail, p, logits)), layer.tail_after(tail, p)
             outs.append(layer.finish(leaves[2], leaves[0]))
             probes = probes or [torch.randn(o.shape, generator=g, dtype=dtype) for o in outs]
             loss = sum((o * p).sum() for o, p in zip(outs, probes, strict=True)) + new_tail.sum()
@@ -438,6 +444,76 @@ def test_compiled_conv_norms_and_output_gate_equal_the_torch_ops_forward_and_bac
     assert results[0][0][:, 1].abs().max() == 0  # the zero head
     for e, a in zip(*results, strict=True):
         assert torch.isfinite(e).all() and (e.numel() == 0 or rel_err(a, e) < tol)
+
+
+def written(layer, x, state, grad):
+    """A write of x after `state` (cloned to leaves): its reads, end state and, with grad, the gradients of a
+    loss that reads all of them, with respect to x, the state and the layer's parameters."""
+    state = {**state, **{k: [t.detach().clone().requires_grad_(grad) for t in state[k]]
+                         for k in ("weights", "momentum", "anchor")}}
+    x = x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y, new = layer.write(x, state)
+    outs = [y, *new["weights"], *new["momentum"], *new["anchor"]]
+    if not grad:
+        return outs, y
+    probes = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)
+              for i, o in enumerate(outs)]
+    loss = sum((o * p).sum() for o, p in zip(outs, probes, strict=True)) + new["weights"][0].pow(2).sum()
+    leaves = [x, *state["weights"], *state["momentum"], *state["anchor"], *layer.parameters()]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return outs + [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves, strict=True)], y
+
+
+@needs_native
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+@pytest.mark.parametrize("n,offset,config", [
+    (64, 0, {}),  # a MAC segment: four whole chunks
+    (64, 0, {"chunk": 32, "read_chunk": 16, "depth": 3}),  # sub-chunks
+    (5, 0, {}),  # one partial chunk
+    (5, 3, {"chunk": 8}),  # the rest of a chunk begun in the call before: its anchor carried
+    (32, 0, {"momentum": False, "forgetting": False, "clip": 0.0, "depth": 1}),
+])
+def test_one_call_write_equals_the_torch_ops_values_and_gradients(n, offset, config, grad):
+    # CompiledWrite: conv, gates, coefficients and scan in one C call each way, taken by a write that is one
+    # group of chunks; held in float64 to the torch ops of the same layer, every output and every gradient
+    layers = twin_layers(torch.float64, **config)
+    gen = torch.Generator().manual_seed(4)
+    before, x = (torch.randn(2, size, 24, generator=gen, dtype=torch.float64) for size in (offset, n))
+    results = []
+    for layer in layers:
+        state = layer.initial_state(2, torch.float64)
+        with torch.no_grad():
+            if offset:
+                _, state = layer.write(before, state)
+        outs, y = written(layer, x, state, grad)
+        results.append(outs)
+    if grad:
+        assert "CompiledWriteBackward" in {type(node).__name__ for node in graph_nodes(y)}
+    for e, a in zip(*results, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10 * max(e.abs().max().item(), 1e-3))
+
+
+@needs_native
+@pytest.mark.parametrize("continued", [False, True])
+def test_one_call_write_passes_gradcheck(continued):
+    from models.memory.compiled import CompiledWrite
+
+    case = SmallWrite(continued, seed=6)
+    channels, rnd = 3 * case.heads * case.dh, case.rnd
+    inputs = [rnd(case.batch, case.kernel - 1, channels), rnd(case.batch, case.n, channels),
+              rnd(case.kernel, channels), rnd(channels), rnd(case.batch, case.n, 3 * case.heads)]
+    assert torch.autograd.gradcheck(lambda *t: CompiledWrite.apply(case.spec, *t), (*inputs, *case.states()))
+
+
+@needs_native
+def test_one_call_write_refuses_tensors_of_other_shapes():
+    spec = native.WriteSpec(m=2, c=4, subs=1, heads=2, max_lr=0.5, momentum=True, forgetting=True, bound=0.0)
+    weights = [torch.zeros(1, 2, 3, 3)]
+    with pytest.raises(ValueError, match=r"compiled memory write: logits \(1, 8, 5\) \(expected \(1, 8, 6\)\)"):
+        native.write_forward(spec, torch.zeros(1, 3, 18), torch.zeros(1, 8, 18), torch.zeros(4, 18), torch.zeros(18),
+                             torch.zeros(1, 8, 5), weights, weights, weights, recording=False)
 
 
 @needs_native

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from models.memory import native
-from models.memory.compiled import Group, compiled_scan
+from models.memory.compiled import Group, compiled_scan, plan
 
 
 def chunk_coefficients(log_eta: Tensor, log_keep: Tensor, theta: Tensor) -> dict[str, Tensor]:
@@ -333,14 +333,7 @@ def chunked_scan(
     key's gradient norm as in reference_scan."""
     batch, heads, n = q.shape[:3]
     bound = clip / 2  # the loops clip d = M(k) - v, half of dl/dM(k)
-    groups, start = [], 0
-    first = min(n, chunk - offset) if offset else 0
-    whole = (n - first) // chunk
-    for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1)):
-        if size and count:
-            subs = size // read_chunk if size > read_chunk and size % read_chunk == 0 else 1
-            groups.append(Group(start, size, count, subs, continued=(offset + start) % chunk != 0))
-            start += size * count
+    groups = plan(n, offset, chunk, read_chunk)
     theta = 2 * theta  # dl/dM(k) = 2 (M(k) - v)
     if native.use_native(kernel, *weights, *momentum, *anchor, q, k, v, log_eta, log_keep, theta):
         return compiled_scan(weights, momentum, anchor, groups, q, k, v, log_eta, log_keep, theta, bound)

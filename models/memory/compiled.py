@@ -12,6 +12,12 @@ the dispatcher, or through it while a dispatch mode watches, so FlopCounterMode 
 torch loops (`chunked`) stay the reference: tests/test_neural_memory.py holds the two equal, values and
 gradients, on random and on captured training inputs.
 
+A call that is one group of chunks (a MAC segment, a block of whole chunks: most calls) takes a shorter way
+still, CompiledWrite: the projection's pointwise part and the scan in one C call each way (native.write_forward,
+write_backward, composing the same jobs of native_scan.cpp), so that a write costs one node and one crossing
+from Python instead of two and six, with no per-operator allocations, views and checks. The two-node path stays
+for calls of several groups and for a watching dispatch mode, and the tests hold the two equal.
+
 Layouts (see native_scan.cpp): pairs major, P = batch * heads; a group of `count` chunks of `size` tokens,
 each read in `subs` sub-chunks of r = size / subs tokens, takes k, v as [P, count, size, d] and q and the
 gates as [P, count subs, r, .], all views of the [B, H, n, .] inputs.
@@ -43,6 +49,21 @@ class Group(NamedTuple):
     @property
     def end(self) -> int:
         return self.start + self.size * self.count
+
+
+def plan(n: int, offset: int, chunk: int, read_chunk: int) -> list[Group]:
+    """A call of n tokens from `offset` in the stream as up to three groups of equal chunks: the rest of a chunk
+    begun in an earlier call, the whole chunks, then a trailing partial chunk. A chunk that is a multiple of
+    `read_chunk` is read in sub-chunks of that size."""
+    groups, start = [], 0
+    first = min(n, chunk - offset % chunk) if offset % chunk else 0
+    whole = (n - first) // chunk
+    for size, count in ((first, 1), (chunk, whole), (n - first - whole * chunk, 1)):
+        if size and count:
+            subs = size // read_chunk if size > read_chunk and size % read_chunk == 0 else 1
+            groups.append(Group(start, size, count, subs, continued=(offset + start) % chunk != 0))
+            start += size * count
+    return groups
 
 
 def per_unit(x: Tensor, group: Group, units: int) -> Tensor:
@@ -156,6 +177,57 @@ def compiled_scan(weights: list[Tensor], momentum: list[Tensor], anchor: list[Te
         return y, *(list(out[i * depth : (i + 1) * depth]) for i in range(3))  # type: ignore[return-value]
     y, *ends = forward_groups(weights, momentum, anchor, groups, q, k, v, (log_eta, log_keep, theta), bound, None)
     return y, *([t.unflatten(0, q.shape[:2]) for t in ts] for ts in ends)  # type: ignore[return-value]
+
+
+class CompiledWrite(torch.autograd.Function):
+    """NeuralMemory.write after the linear projections, for a call that is one group of chunks (a MAC segment, a
+    block of whole chunks): the conv and norms, the gate activations, the coefficients and the recorded scan in
+    one C call (native.write_forward), the backward in another, all the intermediates in one record. The same
+    arithmetic as CompiledProjection then CompiledScan (the jobs of native_scan.cpp they call, composed), in
+    one node and one crossing each way instead of two nodes and six operator calls with their tensors'
+    allocation, views and checks: at a 64-token segment those cost more than the arithmetic. Inputs: the spec,
+    the conv tail, the projections p, the conv weight and bias, the gate logits (contiguous), then the weights,
+    momentum and anchor per layer; outputs: the reads, then the end weights and momentum per layer."""
+
+    @staticmethod
+    def forward(ctx, spec: native.WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, conv_b: Tensor,
+                logits: Tensor, *states: Tensor):
+        depth = len(states) // 3
+        weights, momentum, anchor = (list(states[i * depth : (i + 1) * depth]) for i in range(3))
+        y, end_weights, end_momentum, record = native.write_forward(spec, tail, p, conv_w, conv_b, logits, weights,
+                                                                    momentum, anchor, recording=True)
+        ctx.spec = spec
+        ctx.save_for_backward(tail, p, conv_w, conv_b, logits, record, *anchor)
+        ctx.set_materialize_grads(False)
+        return y, *end_weights, *end_momentum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_y: Tensor | None, *g_end: Tensor | None):
+        tail, p, conv_w, conv_b, logits, record, *anchor = ctx.saved_tensors
+        depth, spec = len(anchor), ctx.spec
+        if g_y is None:
+            g_y = p.new_zeros(p.shape[0], spec.heads, p.shape[1], anchor[-1].shape[-1])
+        g_end = [g if g is None else g.contiguous() for g in g_end]
+        *grads, g_weights, g_momentum, g_anchor = native.write_backward(spec, tail, p, conv_w, conv_b, logits, anchor,
+                                                                       record, g_y, g_end[:depth], g_end[depth:])
+        return None, *grads, *g_weights, *g_momentum, *g_anchor
+
+
+def compiled_write(spec: native.WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, conv_b: Tensor, logits: Tensor,
+                   weights: list[Tensor], momentum: list[Tensor],
+                   anchor: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """CompiledWrite in training, the unrecorded write otherwise. Returns the reads [B, H, N, d_L] and the end
+    weights and momentum [B, H, R, C] per layer."""
+    tensors = [t.contiguous() for t in (tail, p, conv_w, conv_b, logits, *weights, *momentum, *anchor)]
+    depth = len(weights)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        y, *ends = CompiledWrite.apply(spec, *tensors)
+        return y, list(ends[:depth]), list(ends[depth:])
+    y, end_weights, end_momentum, _ = native.write_forward(spec, *tensors[:5], tensors[5 : 5 + depth],
+                                                           tensors[5 + depth : 5 + 2 * depth], tensors[5 + 2 * depth :],
+                                                           recording=False)
+    return y, end_weights, end_momentum
 
 
 class CompiledProjection(torch.autograd.Function):

@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from models.memory import native
 from models.memory.chunked import chunked_scan
-from models.memory.compiled import CompiledProjection, gate_activations
+from models.memory.compiled import CompiledProjection, compiled_write, gate_activations, plan
 from models.memory.naive import mlp_forward, reference_scan
 from models.memory.rule import NORM_EPS, STANDALONE_HEADS, MemoryConfig
 
@@ -125,21 +125,29 @@ class NeuralMemory(nn.Module):
         y = F.rms_norm(y, (self.dh,), self.out_norm, eps=NORM_EPS)
         return self.out(y.transpose(1, 2).reshape(b, n, d) * torch.sigmoid(logits))
 
-    def project(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, ...]:
-        b, n, d = x.shape
+    def projections(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """x's projections p [B, N, 3 D] with the conv tail before them [B, K - 1, 3 D], and the gate logits
+        [B, N, 3 H] (theta, eta, alpha per head)."""
+        return state["conv"], self.qkv(x), self.gates(x)
+
+    def tail_after(self, tail: Tensor, p: Tensor) -> Tensor:
+        """The conv tail after projections p: the last K - 1 of (tail; p)."""
+        k = self.config.conv_kernel
+        before = p if p.shape[1] >= k - 1 else torch.cat([tail, p], dim=1)
+        return before[:, before.shape[1] - (k - 1):]
+
+    def project(self, tail: Tensor, p: Tensor, logits: Tensor) -> tuple[Tensor, ...]:
+        """The conv, SiLU and q/k norms, and the gates: q, k, v [B, H, N, dh] and log eta, log(1 - alpha),
+        theta [B, H, N]."""
+        b, n, _ = p.shape
         c, h = self.config, self.config.n_heads
-        tail, p = state["conv"], self.qkv(x)  # the last kernel - 1 projections before x, then x's: [B, ., 3D]
-        before = p if n >= c.conv_kernel - 1 else torch.cat([tail, p], dim=1)
-        new_tail = before[:, before.shape[1] - (c.conv_kernel - 1):]
-        logits = self.gates(x)  # theta, eta, alpha per head: [B, N, 3 H]
         if native.use_native(c.kernel, tail, p, self.conv.weight, self.conv.bias, logits):
-            q, k, v, log_eta, log_keep, theta = CompiledProjection.apply(
-                tail, p, self.conv.weight, self.conv.bias, logits, h, c.max_lr, c.momentum, c.forgetting)
-            return q, k, v, log_eta, log_keep, theta, new_tail
+            return CompiledProjection.apply(tail, p, self.conv.weight, self.conv.bias, logits, h, c.max_lr,
+                                            c.momentum, c.forgetting)
         u = F.silu(self.conv(torch.cat([tail, p], dim=1)))
         q, k, v = u.view(b, n, 3, h, self.dh).permute(2, 0, 3, 1, 4).contiguous()  # [B, H, N, dh] each
         q, k = l2_normalise(q), l2_normalise(k)
-        return q, k, v, *gate_activations(logits, h, c.max_lr, c.momentum, c.forgetting), new_tail
+        return q, k, v, *gate_activations(logits, h, c.max_lr, c.momentum, c.forgetting)
 
     def forward(
         self, x: Tensor, state: dict[str, Any] | None = None, diagnostics: dict[str, list] | None = None
@@ -163,14 +171,43 @@ class NeuralMemory(nn.Module):
         reads [B, H, N, dh] before `finish`. For MAC, which writes segment by segment in a chain and finishes
         the reads of all its segments in one call after it."""
         c = self.config
-        q, k, v, log_eta, log_keep, theta, tail = self.project(x, state)
-        args = (state["weights"], state["momentum"], state["anchor"], state["offset"], c.chunk,
-                q, k, v, log_eta, log_keep, theta)
-        if c.path == "reference" or c.rule != "titans" or diagnostics is not None:
-            y, weights, momentum, anchor = reference_scan(*args, rule=c.rule, seed_gamma=c.seed_gamma, clip=c.clip,
-                                                          diagnostics=diagnostics)
+        tail, p, logits = self.projections(x, state)
+        one_call = self.one_call(x.shape[1], state, diagnostics, tail, p, logits)
+        if one_call:
+            spec, anchor = one_call
+            y, weights, momentum = compiled_write(spec, tail, p, self.conv.weight, self.conv.bias, logits,
+                                                  state["weights"], state["momentum"], anchor)
         else:
-            y, weights, momentum, anchor = chunked_scan(*args, read_chunk=c.read_chunk, kernel=c.kernel, clip=c.clip)
-        new_state = {"weights": weights, "momentum": momentum, "anchor": anchor,
-                     "offset": (state["offset"] + x.shape[1]) % c.chunk, "conv": tail}
-        return y, new_state
+            q, k, v, log_eta, log_keep, theta = self.project(tail, p, logits)
+            args = (state["weights"], state["momentum"], state["anchor"], state["offset"], c.chunk,
+                    q, k, v, log_eta, log_keep, theta)
+            if c.path == "reference" or c.rule != "titans" or diagnostics is not None:
+                y, weights, momentum, anchor = reference_scan(*args, rule=c.rule, seed_gamma=c.seed_gamma, clip=c.clip,
+                                                              diagnostics=diagnostics)
+            else:
+                y, weights, momentum, anchor = chunked_scan(*args, read_chunk=c.read_chunk, kernel=c.kernel,
+                                                            clip=c.clip)
+        return y, self.advanced(state, x.shape[1], weights, momentum, anchor, self.tail_after(tail, p))
+
+    def advanced(self, state: dict[str, Any], n: int, weights: list[Tensor], momentum: list[Tensor],
+                 anchor: list[Tensor], tail: Tensor) -> dict[str, Any]:
+        """The state after a write of n tokens that left these weights, momentum, anchor and conv tail."""
+        return {"weights": weights, "momentum": momentum, "anchor": anchor,
+                "offset": (state["offset"] + n) % self.config.chunk, "conv": tail}
+
+    def one_call(self, n: int, state: dict[str, Any], diagnostics: dict[str, list] | None,
+                 *tensors: Tensor) -> tuple[native.WriteSpec, list[Tensor]] | None:
+        """For a write of n tokens after `state` that takes the one-call compiled path (compiled.CompiledWrite, or
+        MAC's SegmentWrite), its spec and first anchor; else None. That path is the compiled dual form for a call
+        that is one group of chunks (a MAC segment, a block of whole chunks), taken while no dispatch mode watches:
+        FlopCounterMode counts the operators of the two-node path, which do the same arithmetic."""
+        c = self.config
+        groups = plan(n, state["offset"], c.chunk, c.read_chunk)
+        if not (len(groups) == 1 and c.path == "chunked" and c.rule == "titans" and diagnostics is None
+                and native.use_native(c.kernel, *tensors, *state["weights"], *state["momentum"])
+                and not native.watched()):
+            return None
+        (group,) = groups
+        spec = native.WriteSpec(group.count, group.size, group.subs, c.n_heads, c.max_lr, c.momentum, c.forgetting,
+                                c.clip / 2)
+        return spec, state["anchor"] if group.continued else state["weights"]

@@ -21,6 +21,14 @@ rather than storing them (the recomputation is not counted, as activation checkp
 pointwise operators count 0, as FlopCounterMode counts no pointwise op of the torch path. The gate coefficients'
 backward counts the gradients of all three gates, which is what it computes; the torch path skips the products
 of a gate that is constant (momentum or forgetting off), so there the counts differ by those.
+
+At the end, entry points that compose the jobs into one call each way, for callers whose tensors are small
+enough that a crossing from Python, and each torch op or thread fork, costs more than the arithmetic: a
+memory write that is one group of chunks (compiled.CompiledWrite), and MAC's read and write of a segment
+(models/mac.py: the memory read with the products around it, and the write from the attention's output,
+their products in this file's register-blocked loops rather than threaded BLAS calls). They are plain
+functions, not operators: callers take them only while no dispatch mode watches, and otherwise the operators
+above or torch ops that do the same arithmetic, so FLOP counts are unchanged.
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import register_flop_formula
+
+from models.memory.rule import NO_MOMENTUM_LOG
 
 SOURCE = Path(__file__).with_name("native_scan.cpp")
 COMPILER = os.environ.get("CXX", "g++")
@@ -59,7 +69,14 @@ SIGNATURES = {
     "conv_activate_normalise_backward": "iiiii pppp P pppp i",
     "norm_gate": "iiii t pppp i",
     "norm_gate_backward": "iiii t ppppppp i",
+    "write_forward": "iiiiiw iii ppppp t ii t PPP t p i p PP i",
+    "write_backward": "iiiiiw iii ppppp t ii P t pp PP ppppp PPP i",
+    "mac_read": "iiiw ii t pPpp ppppp pppp i",
+    "mac_read_backward": "iiiw ii t pPpp ppppp pppp ppp P ppp i",
+    "mac_write_forward": "iiiiiw iii ppp t P pp ppp t ii t PPP t p i pppp p PP i",
+    "mac_write_backward": "iiiiiw iii ppp t P p ppp t ii P t p pppp p PP ppp ppp P ppp pp PPP i",
 }
+RECORD_SIZE = "iiiiiw i"  # write_record_size: the elements of a write's record, returned
 C_TYPES = {"i": ctypes.c_int64, "w": ctypes.POINTER(ctypes.c_int64), "p": ctypes.c_void_p,
            "P": ctypes.POINTER(ctypes.c_void_p)}
 SCALARS = {"f32": ctypes.c_float, "f64": ctypes.c_double}
@@ -110,6 +127,9 @@ def library() -> ctypes.CDLL | None:
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = [scalar if code == "t" else C_TYPES[code] for code in signature.replace(" ", "")]
             fn.restype = None
+        size = getattr(lib, f"write_record_size_{suffix}")
+        size.argtypes = [C_TYPES[code] for code in RECORD_SIZE.replace(" ", "")]
+        size.restype = ctypes.c_int64
     return lib
 
 
@@ -158,11 +178,16 @@ def operator(name: str) -> Any:
     return register
 
 
+def watched() -> bool:
+    """Whether a dispatch mode (FlopCounterMode, fake tensors) sees the operators called now."""
+    return _get_current_dispatch_mode() is not None
+
+
 def direct(op: Any, *args: Any) -> Any:
     """Calls an operator's kernel without autograd, through the dispatcher only while a dispatch mode watches
     (FlopCounterMode, fake tensors): that is all the dispatcher adds here, and it costs some 30 us a call in
     Python, a third of the compiled scan of a 64-token segment (MAC calls it hundreds of times a step)."""
-    return op(*args) if _get_current_dispatch_mode() is not None else _KERNELS[op](*args)
+    return op(*args) if watched() else _KERNELS[op](*args)
 
 
 def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
@@ -172,8 +197,8 @@ def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
     def raw(x: Any) -> Any:
         if isinstance(x, Tensor):
             return x.data_ptr()
-        if isinstance(x, list | tuple):
-            return (ctypes.c_void_p * len(x))(*(t.data_ptr() for t in x))
+        if isinstance(x, list | tuple):  # None in a list: a null pointer (an unused output's gradient)
+            return (ctypes.c_void_p * len(x))(*(None if t is None else t.data_ptr() for t in x))
         return x
 
     getattr(library(), f"{name}_{SUFFIX[dtype]}")(*map(raw, args), torch.get_num_threads())
@@ -538,3 +563,172 @@ norm_gate.register_autograd(_norm_gate_autograd, setup_context=_norm_gate_setup)
 register_flop_formula([torch.ops.titans_bench.norm_gate, torch.ops.titans_bench.norm_gate_backward,
                        torch.ops.titans_bench.conv_activate_normalise,
                        torch.ops.titans_bench.conv_activate_normalise_backward])(_nothing)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NeuralMemory.write of a call that is one group of chunks, in one crossing each way (compiled.CompiledWrite).
+# Not operators: while a dispatch mode watches, the layer calls the operators above instead, which do the same
+# arithmetic (the jobs these entries compose) and carry the FLOP formulas and shape functions.
+
+
+class WriteSpec(NamedTuple):
+    """What a write needs besides its tensors: the group (`m` chunks of `c` tokens read in `subs` sub-chunks),
+    the memory heads, and the gate settings and clip bound of MemoryConfig (`bound`: chunked_scan's clip / 2)."""
+
+    m: int
+    c: int
+    subs: int
+    heads: int
+    max_lr: float
+    momentum: bool
+    forgetting: bool
+    bound: float
+
+
+def _write_dims(spec: WriteSpec, weights: list[Tensor], batch: int) -> tuple[list[int], ctypes.Array]:
+    widths = [w.shape[-2] for w in weights] + [weights[-1].shape[-1]]
+    return ([len(weights), spec.m, spec.subs, batch * spec.heads, spec.c],
+            (ctypes.c_int64 * len(widths))(*widths))
+
+
+def write_forward(spec: WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, conv_b: Tensor, logits: Tensor,
+                  weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor],
+                  recording: bool) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+    """The conv and norms, the gates, the coefficients and the scan with its reads, for contiguous tail [B, K - 1,
+    3 D], projections p [B, N, 3 D] (N = m c), conv weight [K, 3 D] and bias, gate logits [B, N, 3 H] and states
+    [B, H, R, C] per layer. Returns the reads [B, H, N, d_L], the end weights and momentum, and the record
+    (what write_backward reads when `recording`)."""
+    (batch, n, channels), kernel, heads = p.shape, conv_w.shape[0], spec.heads
+    dh = channels // (3 * heads)
+    expected = {"p": (p, (batch, spec.m * spec.c, 3 * heads * dh)), "tail": (tail, (batch, kernel - 1, channels)),
+                "conv weight": (conv_w, (kernel, channels)), "conv bias": (conv_b, (channels,)),
+                "logits": (logits, (batch, n, 3 * heads))}
+    for name, states in (("weights", weights), ("momentum", momentum), ("anchor", anchor)):
+        expected |= {f"{name}[{layer}]": (t, (batch, heads, *w.shape[-2:])) for layer, (t, w) in
+                     enumerate(zip(states, weights, strict=True))}
+    _check_shapes("compiled memory write", expected, [] if n % spec.subs == 0 and spec.c % spec.subs == 0
+                  and weights[0].shape[-2] == dh == weights[-1].shape[-1] else [f"group {spec} against n={n}"])
+    dims, widths = _write_dims(spec, weights, batch)
+    suffix = SUFFIX[p.dtype]
+    record = p.new_empty(getattr(library(), f"write_record_size_{suffix}")(*dims, widths, recording))
+    y = p.new_empty(batch, heads, n, weights[-1].shape[-1])
+    end_weights, end_momentum = [w.new_empty(w.shape) for w in weights], [w.new_empty(w.shape) for w in weights]
+    _call("write_forward", p.dtype, *dims, widths, batch, heads, kernel, tail, p, conv_w, conv_b, logits,
+          spec.max_lr, spec.momentum, spec.forgetting, NO_MOMENTUM_LOG, weights, momentum, anchor, spec.bound,
+          record, recording, y, end_weights, end_momentum)
+    return y, end_weights, end_momentum, record
+
+
+def write_backward(spec: WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, conv_b: Tensor, logits: Tensor,
+                   anchor: list[Tensor], record: Tensor, g_y: Tensor, g_end_weights: list[Tensor | None],
+                   g_end_momentum: list[Tensor | None]) -> tuple[Tensor, ...]:
+    """write_forward's backward from its record and the gradients of the reads and of the end states (None: not
+    used). Returns the gradients of tail, p, the conv weight and bias, the logits, then per layer those of
+    the weights, momentum and anchor."""
+    batch, kernel = p.shape[0], conv_w.shape[0]
+    dims, widths = _write_dims(spec, anchor, batch)
+    g_tail, g_p, g_conv_w, g_conv_b, g_logits = (t.new_empty(t.shape) for t in (tail, p, conv_w, conv_b, logits))
+    g_weights, g_momentum, g_anchor = ([a.new_empty(a.shape) for a in anchor] for _ in range(3))
+    _call("write_backward", p.dtype, *dims, widths, batch, spec.heads, kernel, tail, p, conv_w, conv_b, logits,
+          spec.max_lr, spec.momentum, spec.forgetting, anchor, spec.bound, record, g_y.contiguous(), g_end_weights,
+          g_end_momentum, g_tail, g_p, g_conv_w, g_conv_b, g_logits, g_weights, g_momentum, g_anchor)
+    return g_tail, g_p, g_conv_w, g_conv_b, g_logits, g_weights, g_momentum, g_anchor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MAC's read of a segment (models/mac.py, MemoryRead): like the write, plain functions, with the torch ops
+# taken while a dispatch mode watches
+
+
+def _read_dims(q: Tensor, weights: list[Tensor]) -> list[Any]:
+    batch, heads, c, _ = q.shape
+    widths = [w.shape[-2] for w in weights] + [weights[-1].shape[-1]]
+    return [len(weights), batch * heads, c, (ctypes.c_int64 * len(widths))(*widths), heads]
+
+
+def mac_read(attention_heads: int, q: Tensor, weights: list[Tensor], w_norm: Tensor, gate: Tensor, w_out_t: Tensor,
+             w_k_t: Tensor, w_v_t: Tensor, cos: Tensor, sin: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """MemoryRead's forward for contiguous tensors: the memory MLP at the weights [B, H, d_l, d_{l+1}] on the
+    queries q [B, H, c, d_0], each head's read RMS-normed with w_norm [d_L] and gated by gate [B, c, D] to u;
+    h = u W_out^T, k = h W_k^T, v = h W_v^T (the weights given transposed, [D, D] each), k rotated with the
+    tables' rows cos, sin [c, dha // 2]. Returns u, h [B, c, D] (what the backward reads) and k_h, v_h
+    [B, A, c, D / A]."""
+    batch, heads, c, _ = q.shape
+    d, dh = gate.shape[-1], weights[-1].shape[-1]
+    _check_shapes("compiled MAC read", {
+        "gate": (gate, (batch, c, heads * dh)), "w_norm": (w_norm, (dh,)), "w_out_t": (w_out_t, (d, d)),
+        "w_k_t": (w_k_t, (d, d)), "w_v_t": (w_v_t, (d, d)), "cos": (cos, (c, d // attention_heads // 2)),
+        "sin": (sin, (c, d // attention_heads // 2)),
+        **{f"weights[{layer}]": (w, (batch, heads, *w.shape[-2:])) for layer, w in enumerate(weights)}})
+    u, h = torch.empty_like(gate), torch.empty_like(gate)
+    kh, vh = (gate.new_empty(batch, attention_heads, c, d // attention_heads) for _ in range(2))
+    _call("mac_read", q.dtype, *_read_dims(q, weights), attention_heads, eps, q, weights, w_norm, gate, w_out_t,
+          w_k_t, w_v_t, cos, sin, u, h, kh, vh)
+    return u, h, kh, vh
+
+
+def mac_read_backward(attention_heads: int, q: Tensor, weights: list[Tensor], w_norm: Tensor, gate: Tensor,
+                      w_out_t: Tensor, w_k_t: Tensor, w_v_t: Tensor, cos: Tensor, sin: Tensor, eps: float, u: Tensor,
+                      h: Tensor, g_kh: Tensor, g_vh: Tensor) -> tuple[Tensor, ...]:
+    """mac_read's backward, the MLP recomputed: the gradients of q, the gate, w_norm, W_out^T, W_k^T, W_v^T, then
+    of the weights."""
+    g_q, g_gate = torch.empty_like(q), torch.empty_like(gate)
+    g_w = [torch.empty_like(w) for w in (w_out_t, w_k_t, w_v_t)]
+    g_weights = [torch.empty_like(w) for w in weights]
+    partial = q.new_zeros(torch.get_num_threads(), w_norm.shape[0])
+    _call("mac_read_backward", q.dtype, *_read_dims(q, weights), attention_heads, eps, q, weights, w_norm, gate,
+          w_out_t, w_k_t, w_v_t, cos, sin, u, h, g_kh.contiguous(), g_vh.contiguous(), g_q, g_gate, partial, g_weights,
+          *g_w)
+    return g_q, g_gate, partial.sum(0), *g_w, *g_weights
+
+
+def mac_write_forward(spec: WriteSpec, a: Tensor, w_o_t: Tensor, w_norm: Tensor, eps: float, w_qkv_t: list[Tensor],
+                      w_gates_t: Tensor, b_gates: Tensor, tail: Tensor, conv_w: Tensor, conv_b: Tensor,
+                      weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor],
+                      recording: bool) -> tuple[Tensor, ...]:
+    """MAC's write of a segment from the attention's output a [B, N, D], contiguous: y = a W_o^T, the write norm
+    n (weight w_norm), the memory's projections p = n W_qkv^T (W_qkv^T as q, k, v blocks [D, D]) and gate logits
+    n W_g^T + b_g, then write_forward's work. Returns y, n, p [B, N, 3 D], the logits [B, N, 3 H], the reads
+    [B, H, N, d_L], the end weights and momentum (lists), and the record."""
+    (batch, n, d), heads = a.shape, spec.heads
+    expected = {"w_o_t": (w_o_t, (d, d)), "w_norm": (w_norm, (d,)), "w_gates_t": (w_gates_t, (d, 3 * heads)),
+                "b_gates": (b_gates, (3 * heads,)), "tail": (tail, (batch, conv_w.shape[0] - 1, 3 * d)),
+                "conv weight": (conv_w, (conv_w.shape[0], 3 * d)), "conv bias": (conv_b, (3 * d,)),
+                **{f"w_qkv_t[{j}]": (w, (d, d)) for j, w in enumerate(w_qkv_t)}}
+    for name, states in (("weights", weights), ("momentum", momentum), ("anchor", anchor)):
+        expected |= {f"{name}[{layer}]": (t, (batch, heads, *w.shape[-2:])) for layer, (t, w) in
+                     enumerate(zip(states, weights, strict=True))}
+    _check_shapes("compiled MAC write", expected, [] if n == spec.m * spec.c and weights[0].shape[-2] * heads == d
+                  else [f"group {spec} against a {tuple(a.shape)}"])
+    dims, widths = _write_dims(spec, weights, batch)
+    record = a.new_empty(getattr(library(), f"write_record_size_{SUFFIX[a.dtype]}")(*dims, widths, recording))
+    y, normed, p, logits = (a.new_empty(batch, n, width) for width in (d, d, 3 * d, 3 * heads))
+    reads = a.new_empty(batch, heads, n, weights[-1].shape[-1])
+    end_weights, end_momentum = [w.new_empty(w.shape) for w in weights], [w.new_empty(w.shape) for w in weights]
+    _call("mac_write_forward", a.dtype, *dims, widths, batch, heads, conv_w.shape[0], a, w_o_t, w_norm, eps, w_qkv_t,
+          w_gates_t, b_gates, tail, conv_w, conv_b, spec.max_lr, spec.momentum, spec.forgetting, NO_MOMENTUM_LOG,
+          weights, momentum, anchor, spec.bound, record, recording, y, normed, p, logits, reads, end_weights,
+          end_momentum)
+    return y, normed, p, logits, reads, end_weights, end_momentum, record
+
+
+def mac_write_backward(spec: WriteSpec, a: Tensor, w_o_t: Tensor, w_norm: Tensor, eps: float, w_qkv_t: list[Tensor],
+                       w_gates_t: Tensor, tail: Tensor, conv_w: Tensor, conv_b: Tensor, anchor: list[Tensor],
+                       record: Tensor, y: Tensor, normed: Tensor, p: Tensor, logits: Tensor, g_reads: Tensor,
+                       g_end_weights: list[Tensor | None], g_end_momentum: list[Tensor | None], g_y: Tensor | None,
+                       g_normed: Tensor | None, g_p: Tensor | None) -> tuple[Tensor, ...]:
+    """mac_write_forward's backward (None: an output not used). Returns the gradients of a, W_o^T, w_norm, the
+    three W_qkv^T blocks, W_g^T, b_g, the tail, the conv weight and bias, then per layer those of the weights,
+    momentum and anchor (lists)."""
+    batch, kernel = a.shape[0], conv_w.shape[0]
+    dims, widths = _write_dims(spec, anchor, batch)
+    g_a, g_w_o_t, g_w_norm, g_w_gates_t, g_tail, g_conv_w, g_conv_b = (
+        t.new_empty(t.shape) for t in (a, w_o_t, w_norm, w_gates_t, tail, conv_w, conv_b))
+    g_w_qkv_t, g_b_gates = [w.new_empty(w.shape) for w in w_qkv_t], a.new_empty(3 * spec.heads)
+    g_weights, g_momentum, g_anchor = ([t.new_empty(t.shape) for t in anchor] for _ in range(3))
+    _call("mac_write_backward", a.dtype, *dims, widths, batch, spec.heads, kernel, a, w_o_t, w_norm, eps, w_qkv_t,
+          w_gates_t, tail, conv_w, conv_b, spec.max_lr, spec.momentum, spec.forgetting, anchor, spec.bound, record, y,
+          normed, p, logits, g_reads.contiguous(), g_end_weights, g_end_momentum, g_y, g_normed, g_p, g_a, g_w_o_t,
+          g_w_norm, g_w_qkv_t, g_w_gates_t, g_b_gates, g_tail, g_conv_w, g_conv_b, g_weights, g_momentum, g_anchor)
+    return (g_a, g_w_o_t, g_w_norm, *g_w_qkv_t, g_w_gates_t, g_b_gates, g_tail, g_conv_w, g_conv_b, g_weights,
+            g_momentum, g_anchor)

@@ -1,7 +1,9 @@
 // The chunk loops of the chunk-parallel memory, compiled: models/memory/chunked.py's scan_keys with the reads
 // of read_chunks done during the scan, their backward in one reverse pass, and chunk_coefficients with its
-// backward; the same math and the same tensor layouts (see there for the derivation). At the end, the layer's
-// pointwise work around the scan, with its backward. Every (batch, head) pair is an independent recurrence, so the
+// backward; the same math and the same tensor layouts (see there for the derivation). After them, the layer's
+// pointwise work around the scan, with its backward; then MAC's read of a segment (the memory MLP, norm, gate
+// and the products to h's keys and values) and entry points that compose the jobs into one call each way (a
+// memory write that is one group of chunks; MAC's write of a segment from its attention's output). Every (batch, head) pair is an independent recurrence, so the
 // pairs are shared out over threads and each runs its whole chunk loop without a barrier; inside, the
 // matrices are a few dozen wide, small enough that register-blocked loops beat a call into a BLAS per product.
 //
@@ -926,6 +928,487 @@ void over_pairs(const Job& job, i64 pairs, i64 threads) {
     }
 }
 
+// MAC's read of a segment (models/mac.py, MemoryRead): each pair's queries through the memory MLP at fixed
+// weights, z = M(q) (x_0 = q, z_l = x_l W_l, x_{l+1} = silu(z_l)), each token's read RMS-normed with a weight
+// and gated: out[b, t, h dh + e] = z_e r_t w_e gate[b, t, h dh + e], r_t = (mean_e z_e^2 + eps)^-1/2, tokens
+// major as the output projection takes them. The backward (g_out given) recomputes the MLP, and gives g_q, the
+// weights' gradients g_W_l = x_l^T g_z_l, g_gate, and sums the norm weight's gradient into partial [threads, dh].
+// Layouts: q [P, c, d_0], weights [P, d_l, d_{l+1}], gate and out [B, c, H dh] with P = B H.
+template <typename T>
+struct MemoryReadJob {
+    const Dims& d;  // depth, widths, pairs and c (the tokens); m and subs unused
+    i64 heads;
+    T eps;
+    const T* q;
+    const T* const* weights;
+    const T *w_norm, *gate;
+    T* out;           // forward
+    const T* g_out;   // backward: the incoming gradient
+    T *g_q, *g_gate, *partial;
+    T* const* g_weights;
+
+    void run(i64 lo, i64 hi) const {
+        const i64 L = d.depth, c = d.c, dh = d.cols(L - 1), D = heads * dh;
+        std::vector<std::vector<T>> xs(L), zs(L);  // each layer's input (x_0 = q read in place) and pre-activation
+        std::vector<T> gz, gx, wt(d.max_width() * d.max_width()), s;
+        for (i64 l = 0; l < L; ++l) {
+            if (l) xs[l].resize(c * d.rows(l));
+            zs[l].resize(c * d.cols(l));
+        }
+        gz.resize(c * d.max_width());
+        gx.resize(c * d.max_width());
+        s.resize(c * d.max_width());
+        T* sums = g_out ? partial + omp_get_thread_num() * dh : nullptr;
+        for (i64 p = lo; p < hi; ++p) {
+            const i64 b = p / heads, h = p % heads;
+            const T* x = q + p * c * d.rows(0);
+            for (i64 l = 0; l < L; ++l) {
+                const i64 R = d.rows(l), C = d.cols(l);
+                gemm(x, R, 1, weights[l] + p * R * C, zs[l].data(), c, R, C, T(1), false);
+                if (l + 1 == L) break;
+                sigmoid(zs[l].data(), s.data(), c * C);
+                for (i64 e = 0; e < c * C; ++e) xs[l + 1][e] = zs[l][e] * s[e];
+                x = xs[l + 1].data();
+            }
+            const T* z = zs[L - 1].data();
+            for (i64 t = 0; t < c; ++t) {
+                const T* zt = z + t * dh;
+                T sq = 0;
+                for (i64 e = 0; e < dh; ++e) sq += zt[e] * zt[e];
+                const T r = T(1) / std::sqrt(sq / T(dh) + eps);
+                const i64 at = (b * c + t) * D + h * dh;
+                if (!g_out) {
+                    for (i64 e = 0; e < dh; ++e) out[at + e] = zt[e] * r * w_norm[e] * gate[at + e];
+                    continue;
+                }
+                T dot = 0;  // n = z r: g_n = g gate w, and z moves by r (g_n - n mean(g_n n))
+                for (i64 e = 0; e < dh; ++e) {
+                    const T n = zt[e] * r, go = g_out[at + e];
+                    g_gate[at + e] = go * n * w_norm[e];
+                    sums[e] += go * gate[at + e] * n;
+                    dot += go * gate[at + e] * w_norm[e] * n;
+                }
+                dot /= T(dh);
+                for (i64 e = 0; e < dh; ++e)
+                    gz[t * dh + e] = r * (g_out[at + e] * gate[at + e] * w_norm[e] - zt[e] * r * dot);
+            }
+            if (!g_out) continue;
+            for (i64 l = L - 1; l >= 0; --l) {  // gz holds g_z_l [c, C]
+                const i64 R = d.rows(l), C = d.cols(l);
+                const T* xl = l ? xs[l].data() : q + p * c * d.rows(0);
+                gemm(xl, 1, R, gz.data(), g_weights[l] + p * R * C, R, c, C, T(1), false);  // x_l^T g_z_l
+                transpose(weights[l] + p * R * C, wt.data(), R, C);
+                T* target = l ? gx.data() : g_q + p * c * R;
+                gemm(gz.data(), C, 1, wt.data(), target, c, C, R, T(1), false);  // g_x_l = g_z_l W_l^T
+                if (!l) break;
+                const T* zp = zs[l - 1].data();  // x_l = silu(z_{l-1}): silu' = s (1 + z (1 - s))
+                sigmoid(zp, s.data(), c * R);
+                for (i64 e = 0; e < c * R; ++e) gz[e] = gx[e] * s[e] * (T(1) + zp[e] * (T(1) - s[e]));
+            }
+        }
+    }
+};
+
+// The rest of MAC's read, over rows i = b c + t of tokens: h = u W_out^T, k = h W_k^T, v = h W_v^T (weights
+// given transposed, [D, D] row-major each), k rotated per attention head (half-split pairs as models.layers.rotate,
+// tables cos, sin [c, dha / 2]; an odd last channel stays), both laid out [B, A, c, dha]. The backward (g_kh given)
+// takes the gradients of k_h and v_h back to g_h and g_u = g_h W_out, token major, for WeightGradients and the read.
+template <typename T>
+struct ReadProjection {
+    i64 c, D, A;
+    const T *cos, *sin;
+    const T *u, *w_out_t, *w_k_t, *w_v_t;
+    T *h, *kh, *vh;              // forward outputs
+    const T *g_kh, *g_vh;        // backward
+    T *g_k, *g_v, *g_h, *g_u;    // backward outputs, token major [B c, D]
+
+    void rotate(T* x, const T* cs, const T* sn, bool inverse) const {  // one token's heads, in place
+        const i64 dha = D / A, half = dha / 2;
+        for (i64 a = 0; a < A; ++a) {
+            T* y = x + a * dha;
+            for (i64 e = 0; e < half; ++e) {
+                const T x1 = y[e], x2 = y[half + e], co = cs[e], si = inverse ? -sn[e] : sn[e];
+                y[e] = x1 * co - x2 * si;
+                y[half + e] = x1 * si + x2 * co;
+            }
+        }
+    }
+    i64 at(i64 i, i64 a) const { return (((i / c) * A + a) * c + i % c) * (D / A); }  // token i, head a in [B, A, c, dha]
+
+    void run(i64 lo, i64 hi) const {
+        const i64 rows = hi - lo, dha = D / A;
+        std::vector<T> k(rows * D), v(rows * D), wt(D * D);
+        if (!g_kh) {
+            gemm(u + lo * D, D, 1, w_out_t, h + lo * D, rows, D, D, T(1), false);
+            gemm(h + lo * D, D, 1, w_k_t, k.data(), rows, D, D, T(1), false);
+            gemm(h + lo * D, D, 1, w_v_t, v.data(), rows, D, D, T(1), false);
+            for (i64 i = lo; i < hi; ++i) {
+                T* ki = k.data() + (i - lo) * D;
+                rotate(ki, cos + (i % c) * (dha / 2), sin + (i % c) * (dha / 2), false);
+                for (i64 a = 0; a < A; ++a) {
+                    std::memcpy(kh + at(i, a), ki + a * dha, dha * sizeof(T));
+                    std::memcpy(vh + at(i, a), v.data() + (i - lo) * D + a * dha, dha * sizeof(T));
+                }
+            }
+            return;
+        }
+        for (i64 i = lo; i < hi; ++i) {
+            T *gk = g_k + i * D, *gv = g_v + i * D;
+            for (i64 a = 0; a < A; ++a) {
+                std::memcpy(gk + a * dha, g_kh + at(i, a), dha * sizeof(T));
+                std::memcpy(gv + a * dha, g_vh + at(i, a), dha * sizeof(T));
+            }
+            rotate(gk, cos + (i % c) * (dha / 2), sin + (i % c) * (dha / 2), true);  // a rotation's transpose
+        }
+        transpose(w_k_t, wt.data(), D, D);  // g_h = g_k W_k + g_v W_v
+        gemm(g_k + lo * D, D, 1, wt.data(), g_h + lo * D, rows, D, D, T(1), false);
+        transpose(w_v_t, wt.data(), D, D);
+        gemm(g_v + lo * D, D, 1, wt.data(), g_h + lo * D, rows, D, D, T(1), true);
+        transpose(w_out_t, wt.data(), D, D);
+        gemm(g_h + lo * D, D, 1, wt.data(), g_u + lo * D, rows, D, D, T(1), false);
+    }
+};
+
+// Gradients of weights given transposed (y = x W_t, W_t [D, cols]) summed over `tokens` rows: g_W_t = x^T g_y for
+// `count` pairs (x [tokens, D], g_y [tokens, cols] row-major), each thread computing rows [lo, hi) of every one.
+template <typename T>
+struct WeightGradients {
+    i64 tokens, D;
+    int count;
+    const T* x[6];
+    const T* g[6];
+    i64 cols[6];
+    T* out[6];
+
+    void run(i64 lo, i64 hi) const {
+        for (int j = 0; j < count; ++j)
+            gemm(x[j] + lo, 1, D, g[j], out[j] + lo * cols[j], hi - lo, tokens, cols[j], T(1), false);
+    }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// NeuralMemory.write in one call each way, for a call that is one group of chunks (compiled.CompiledWrite): the
+// conv and norms, the gate activations, the coefficients and the scan, then in the backward their backwards in
+// reverse. The jobs are the ones above; composed here, a call costs one crossing from Python instead of four
+// with their tensors' allocations, views and checks, which at MAC's 64-token segments cost more than the loops.
+// What the backward reads is recorded in one workspace that the forward fills, laid out by WriteRecord.
+
+// The record's parts, carved from `base` in this order (base null: only the size is counted). Recording keeps
+// the state before every sub-chunk and the keys' z and d for the backward; inference keeps the end state only.
+template <typename T>
+struct WriteRecord {
+    T *q, *k, *v, *le, *lk, *th, *scales, *G, *BBC, *mix, *write;
+    std::vector<T*> start, path, zs, ds, end;
+    i64 size = 0;
+
+    WriteRecord(const Dims& d, T* base, bool recording)
+        : start(d.depth), path(d.depth, nullptr), zs(d.depth, nullptr), ds(d.depth, nullptr), end(d.depth, nullptr) {
+        const i64 P = d.pairs, n = d.m * d.c, U = d.m * d.subs, r = d.c / d.subs, L = d.depth;
+        auto take = [&](i64 count) {
+            T* at = base ? base + size : nullptr;
+            size += count;
+            return at;
+        };
+        q = take(P * n * d.rows(0));
+        k = take(P * n * d.rows(0));
+        v = take(P * n * d.cols(L - 1));
+        le = take(P * n);
+        lk = take(P * n);
+        th = take(P * n);
+        scales = recording ? take(P * n) : nullptr;
+        G = take(P * U * r * r);
+        BBC = take(P * U * r * 2);
+        mix = take(P * U * 4);
+        write = take(P * U * 2 * r);
+        for (i64 l = 0; l < L; ++l) {
+            start[l] = take(P * 2 * d.numel(l));
+            if (recording) {
+                path[l] = take(P * (U + 1) * 2 * d.numel(l));
+                if (l + 1 < L) zs[l] = take(P * n * d.cols(l));
+                ds[l] = take(P * n * d.cols(l));
+            } else {
+                end[l] = take(P * 2 * d.numel(l));
+            }
+        }
+    }
+};
+
+// The gates per token and head from their logits [B, N, 3 H] (theta, eta, alpha per head) to the scan's layout
+// [B, H, N]: th = 2 max_lr sigmoid(.) (the inner loss's factor 2 folded in, as chunked_scan does), le = log
+// sigmoid(.) (no_momentum when momentum is off) and lk = log sigmoid(-.) (0 without forgetting), as
+// compiled.gate_activations computes them. The backward (g_logits given) reads the gradients of th, le, lk
+// from the same three pointers and writes the logits'.
+template <typename T>
+struct GateActivations {
+    i64 n, heads;
+    T max_lr, no_momentum;
+    bool momentum, forgetting;
+    const T* logits;
+    T *th, *le, *lk;
+    T* g_logits;
+
+    static T logistic(T x) { return T(1) / (T(1) + std::exp(-x)); }
+    static T log_logistic(T x) { return (x < T(0) ? x : T(0)) - std::log1p(std::exp(-std::abs(x))); }
+
+    void run(i64 lo, i64 hi) const {  // over tokens i = b N + t
+        for (i64 i = lo; i < hi; ++i) {
+            const i64 b = i / n, t = i % n;
+            const T* x = logits + i * 3 * heads;
+            for (i64 h = 0; h < heads; ++h) {
+                const i64 at = (b * heads + h) * n + t;
+                const T s = logistic(x[h]), eta = x[heads + h], alpha = x[2 * heads + h];
+                if (!g_logits) {
+                    th[at] = T(2) * max_lr * s;
+                    le[at] = momentum ? log_logistic(eta) : no_momentum;
+                    lk[at] = forgetting ? log_logistic(-alpha) : T(0);
+                    continue;
+                }
+                T* g = g_logits + i * 3 * heads;
+                g[h] = th[at] * T(2) * max_lr * s * (T(1) - s);
+                g[heads + h] = momentum ? le[at] * (T(1) - logistic(eta)) : T(0);  // d log sigmoid(x) = sigmoid(-x)
+                g[2 * heads + h] = forgetting ? -lk[at] * logistic(alpha) : T(0);
+            }
+        }
+    }
+};
+
+// Per layer, the weights and momentum [P, R, C] each <-> a pair's state (weights over momentum) at
+// joined[l] + p * stride + offset. `split`: state -> weights, momentum; else the other way, a null source
+// (an unused output's gradient) giving zeros.
+template <typename T>
+struct States {
+    const Dims& d;
+    T* const* joined;
+    i64 stride, offset;  // in units of the layer's state size 2 R C
+    const T* const* from_weights;
+    const T* const* from_momentum;
+    T* const* to_weights;
+    T* const* to_momentum;
+
+    void run(i64 lo, i64 hi) const {
+        for (i64 p = lo; p < hi; ++p)
+            for (i64 l = 0; l < d.depth; ++l) {
+                const i64 n = d.numel(l);
+                T* state = joined[l] + (p * stride + offset) * 2 * n;
+                for (i64 half = 0; half < 2; ++half) {
+                    T* part = state + half * n;
+                    if (to_weights) {
+                        std::memcpy((half ? to_momentum : to_weights)[l] + p * n, part, n * sizeof(T));
+                        continue;
+                    }
+                    const T* source = half ? from_momentum[l] : from_weights[l];
+                    if (source)
+                        std::memcpy(part, source + p * n, n * sizeof(T));
+                    else
+                        std::memset(part, 0, n * sizeof(T));
+                }
+            }
+    }
+};
+
+template <typename T>
+i64 write_record_size(const Dims& d, bool recording) {
+    return WriteRecord<T>(d, nullptr, recording).size;
+}
+
+template <typename T>
+void write_forward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T* tail, const T* p, const T* conv_w,
+                   const T* conv_b, const T* logits, T max_lr, bool momentum, bool forgetting, T no_momentum,
+                   const T* const* weights, const T* const* momentum_state, const T* const* anchor, T bound,
+                   T* record, bool recording, T* y, T* const* end_weights, T* const* end_momentum, i64 threads) {
+    const WriteRecord<T> w(d, record, recording);
+    const i64 n = d.m * d.c, r = d.c / d.subs, dh = d.rows(0), P = d.pairs, U = d.m * d.subs;
+    T* const qkv[3] = {w.q, w.k, w.v};
+    over_pairs(ConvActivateNormalise<T>{n, heads, dh, kernel, tail, p, conv_w, conv_b, qkv, nullptr, nullptr,
+                                        nullptr},
+               batch * n, threads);
+    over_pairs(GateActivations<T>{n, heads, max_lr, no_momentum, momentum, forgetting, logits, w.th, w.le, w.lk,
+                                  nullptr},
+               batch * n, threads);
+    over_pairs(Coefficients<T>{r, w.le, w.lk, w.th, w.G, w.BBC, w.mix, w.write, nullptr, nullptr, nullptr, nullptr,
+                               nullptr, nullptr, nullptr},
+               P * U, threads);
+    over_pairs(States<T>{d, w.start.data(), 1, 0, weights, momentum_state, nullptr, nullptr}, P, threads);
+    over_pairs(Forward<T>{d, w.start.data(), anchor, w.k, w.v, w.write, w.mix, recording ? w.path.data() : nullptr,
+                          w.zs.data(), w.ds.data(), w.q, w.G, w.BBC, y, recording ? nullptr : w.end.data(), bound,
+                          recording && bound > 0 ? w.scales : nullptr},
+               P, threads);
+    if (recording)
+        over_pairs(States<T>{d, w.path.data(), U + 1, U, nullptr, nullptr, end_weights, end_momentum}, P, threads);
+    else
+        over_pairs(States<T>{d, w.end.data(), 1, 0, nullptr, nullptr, end_weights, end_momentum}, P, threads);
+}
+
+template <typename T>
+void write_backward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T* tail, const T* p, const T* conv_w,
+                    const T* conv_b, const T* logits, T max_lr, bool momentum, bool forgetting,
+                    const T* const* anchor, T bound, T* record, const T* g_y, const T* const* g_end_weights,
+                    const T* const* g_end_momentum, T* g_tail, T* g_p, T* g_conv_w, T* g_conv_b, T* g_logits,
+                    T* const* g_weights, T* const* g_momentum, T* const* g_anchor, i64 threads) {
+    const WriteRecord<T> w(d, record, true);
+    const i64 n = d.m * d.c, r = d.c / d.subs, dh = d.rows(0), P = d.pairs, U = d.m * d.subs, L = d.depth;
+    const i64 channels = 3 * heads * dh, used = threads < 1 ? 1 : threads;
+    std::vector<std::vector<T>> g_end(L), g_states(L);
+    std::vector<T*> g_end_at(L), g_states_at(L);
+    for (i64 l = 0; l < L; ++l) {
+        g_end[l].resize(P * 2 * d.numel(l));
+        g_states[l].resize(P * 2 * d.numel(l));
+        g_end_at[l] = g_end[l].data();
+        g_states_at[l] = g_states[l].data();
+    }
+    std::vector<T> g_k(P * n * dh), g_v(P * n * d.cols(L - 1)), g_write(P * U * 2 * r, T(0)), g_mix(P * U * 4, T(0)),
+        g_q(P * n * dh), g_G(P * U * r * r), g_BBC(P * U * r * 2), g_gates(3 * P * n), g_a(batch * n * channels),
+        partial(used * (kernel + 1) * channels, T(0));
+    T *g_th = g_gates.data(), *g_le = g_th + P * n, *g_lk = g_le + P * n;
+    over_pairs(States<T>{d, g_end_at.data(), 1, 0, g_end_weights, g_end_momentum, nullptr, nullptr}, P, threads);
+    over_pairs(Backward<T>{d, anchor, w.k, w.write, w.mix, w.path.data(), w.zs.data(), w.ds.data(), w.q, w.G, w.BBC,
+                           g_y, g_end_at.data(), g_k.data(), g_v.data(), g_write.data(), g_mix.data(), g_q.data(),
+                           g_G.data(), g_BBC.data(), g_states_at.data(), g_anchor, bound, bound > 0 ? w.scales : nullptr},
+               P, threads);
+    for (T& g : g_v) g = -g;  // the backward gives the gradient of M(k) - v
+    over_pairs(Coefficients<T>{r, w.le, w.lk, w.th, nullptr, nullptr, nullptr, nullptr, g_G.data(), g_BBC.data(),
+                               g_mix.data(), g_write.data(), g_le, g_lk, g_th},
+               P * U, threads);
+    over_pairs(GateActivations<T>{n, heads, max_lr, T(0), momentum, forgetting, logits, g_th, g_le, g_lk, g_logits},
+               batch * n, threads);
+    const T* const g_qkv[3] = {g_q.data(), g_k.data(), g_v.data()};
+    over_pairs(ConvActivateNormalise<T>{n, heads, dh, kernel, tail, p, conv_w, conv_b, nullptr, g_qkv, g_a.data(),
+                                        partial.data()},
+               batch * n, threads);
+    over_pairs(ConvInputGradient<T>{n, channels, kernel, conv_w, g_a.data(), g_tail, g_p}, batch * (kernel - 1 + n),
+               threads);
+    for (i64 x = 0; x < (kernel + 1) * channels; ++x) {  // the threads' sums: the weight's gradient, then the bias's
+        T sum = 0;
+        for (i64 t = 0; t < used; ++t) sum += partial[t * (kernel + 1) * channels + x];
+        (x < kernel * channels ? g_conv_w[x] : g_conv_b[x - kernel * channels]) = sum;
+    }
+    over_pairs(States<T>{d, g_states_at.data(), 1, 0, nullptr, nullptr, g_weights, g_momentum}, P, threads);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// MAC's write of a segment (models/mac.py, SegmentWrite): from the attention's output a [B, N, D] through the
+// output projection y = a W_o^T, the write norm n = y rsqrt(mean(y^2) + eps) w_n, the memory's projections
+// p = n W_qkv^T and gate logits n W_g^T + b_g, to the write above. Weights given transposed: W_o^T [D, D], W_qkv^T
+// as three [D, D] blocks (q, k, v), W_g^T [D, 3 H]. Over rows i = b N + t of tokens; the backward (g_p given)
+// takes the gradients of p and of the logits (and of y and n where they are used) back to a.
+template <typename T>
+struct WriteInput {
+    i64 D, G, total_rows;  // width, gate logits per token (3 H), rows of all threads (g_p's block size)
+    T eps;
+    const T *a, *wo_t, *wn, *wq_t[3], *wg_t, *bg;
+    T *y, *n, *p, *logits;                    // forward outputs [rows, D], [rows, D], [rows, 3 D], [rows, G]
+    const T *g_p, *g_logits, *g_y, *g_n;      // backward: g_p [3][rows, D] blocks; g_y, g_n may be null
+    T *g_ys, *g_a, *partial;                  // backward outputs: the gradient at y [rows, D], at a; w_n's sums
+
+    void run(i64 lo, i64 hi) const {
+        const i64 rows = hi - lo;
+        std::vector<T> block(rows * D), wt(D * (D > G ? D : G));
+        if (!g_p) {
+            gemm(a + lo * D, D, 1, wo_t, y + lo * D, rows, D, D, T(1), false);
+            for (i64 i = lo; i < hi; ++i) {
+                const T *yi = y + i * D;
+                T sq = 0;
+                for (i64 e = 0; e < D; ++e) sq += yi[e] * yi[e];
+                const T r = T(1) / std::sqrt(sq / T(D) + eps);
+                for (i64 e = 0; e < D; ++e) n[i * D + e] = yi[e] * r * wn[e];
+            }
+            for (int j = 0; j < 3; ++j) {
+                gemm(n + lo * D, D, 1, wq_t[j], block.data(), rows, D, D, T(1), false);
+                for (i64 i = 0; i < rows; ++i)
+                    std::memcpy(p + (lo + i) * 3 * D + j * D, block.data() + i * D, D * sizeof(T));
+            }
+            for (i64 i = lo; i < hi; ++i) std::memcpy(logits + i * G, bg, G * sizeof(T));
+            gemm(n + lo * D, D, 1, wg_t, logits + lo * G, rows, D, G, T(1), true);
+            return;
+        }
+        std::vector<T> gn(rows * D, T(0));  // the gradient at n: from p, the logits and n's own users
+        for (int j = 0; j < 3; ++j) {
+            transpose(wq_t[j], wt.data(), D, D);
+            gemm(g_p + (j * total_rows + lo) * D, D, 1, wt.data(), gn.data(), rows, D, D, T(1), true);
+        }
+        transpose(wg_t, wt.data(), D, G);
+        gemm(g_logits + lo * G, G, 1, wt.data(), gn.data(), rows, G, D, T(1), true);
+        T* sums = partial + omp_get_thread_num() * D;
+        for (i64 i = lo; i < hi; ++i) {
+            const T* yi = y + i * D;
+            T* gi = gn.data() + (i - lo) * D;
+            if (g_n)
+                for (i64 e = 0; e < D; ++e) gi[e] += g_n[i * D + e];
+            T sq = 0;
+            for (i64 e = 0; e < D; ++e) sq += yi[e] * yi[e];
+            const T r = T(1) / std::sqrt(sq / T(D) + eps);
+            T dot = 0;  // x_hat = y r: g_hat = g w_n, and y moves by r (g_hat - x_hat mean(g_hat x_hat))
+            for (i64 e = 0; e < D; ++e) {
+                sums[e] += gi[e] * yi[e] * r;
+                dot += gi[e] * wn[e] * yi[e] * r;
+            }
+            dot /= T(D);
+            T* gy = g_ys + i * D;
+            for (i64 e = 0; e < D; ++e) gy[e] = r * (gi[e] * wn[e] - yi[e] * r * dot) + (g_y ? g_y[i * D + e] : T(0));
+        }
+        transpose(wo_t, wt.data(), D, D);
+        gemm(g_ys + lo * D, D, 1, wt.data(), g_a + lo * D, rows, D, D, T(1), false);
+    }
+};
+
+template <typename T>
+void mac_write_forward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T* a, const T* wo_t, const T* wn, T eps,
+                       const T* const* wq_t, const T* wg_t, const T* bg, const T* tail, const T* conv_w,
+                       const T* conv_b, T max_lr, bool momentum, bool forgetting, T no_momentum,
+                       const T* const* weights, const T* const* momentum_state, const T* const* anchor, T bound,
+                       T* record, bool recording, T* y, T* normed, T* p, T* logits, T* reads, T* const* end_weights,
+                       T* const* end_momentum, i64 threads) {
+    const i64 rows = batch * d.m * d.c, D = heads * d.rows(0), G = 3 * heads;
+    over_pairs(WriteInput<T>{D, G, rows, eps, a, wo_t, wn, {wq_t[0], wq_t[1], wq_t[2]}, wg_t, bg, y, normed, p, logits,
+                             nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
+               rows, threads);
+    write_forward<T>(d, batch, heads, kernel, tail, p, conv_w, conv_b, logits, max_lr, momentum, forgetting,
+                     no_momentum, weights, momentum_state, anchor, bound, record, recording, reads, end_weights,
+                     end_momentum, threads);
+}
+
+template <typename T>
+void mac_write_backward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T* a, const T* wo_t, const T* wn,
+                        T eps, const T* const* wq_t, const T* wg_t, const T* tail, const T* conv_w, const T* conv_b,
+                        T max_lr, bool momentum, bool forgetting, const T* const* anchor, T bound, T* record,
+                        const T* y, const T* normed, const T* p, const T* logits, const T* g_reads,
+                        const T* const* g_end_weights, const T* const* g_end_momentum, const T* g_y, const T* g_n,
+                        const T* g_p_out, T* g_a, T* g_wo_t, T* g_wn, T* const* g_wq_t, T* g_wg_t, T* g_bg, T* g_tail,
+                        T* g_conv_w, T* g_conv_b, T* const* g_weights, T* const* g_momentum, T* const* g_anchor,
+                        i64 threads) {
+    const i64 rows = batch * d.m * d.c, D = heads * d.rows(0), G = 3 * heads, used = threads < 1 ? 1 : threads;
+    std::vector<T> g_p(rows * 3 * D), g_logits(rows * G), blocks(3 * rows * D), g_ys(rows * D),
+        partial(used * D, T(0));
+    write_backward<T>(d, batch, heads, kernel, tail, p, conv_w, conv_b, logits, max_lr, momentum, forgetting, anchor,
+                      bound, record, g_reads, g_end_weights, g_end_momentum, g_tail, g_p.data(), g_conv_w, g_conv_b,
+                      g_logits.data(), g_weights, g_momentum, g_anchor, threads);
+    for (i64 i = 0; i < rows; ++i)  // p's gradient, from the write and from p's own users, as three [rows, D] blocks
+        for (int j = 0; j < 3; ++j)
+            for (i64 e = 0; e < D; ++e)
+                blocks[(j * rows + i) * D + e] =
+                    g_p[i * 3 * D + j * D + e] + (g_p_out ? g_p_out[i * 3 * D + j * D + e] : T(0));
+    over_pairs(WriteInput<T>{D, G, rows, eps, a, wo_t, wn, {wq_t[0], wq_t[1], wq_t[2]}, wg_t, nullptr,
+                             const_cast<T*>(y), nullptr, nullptr, nullptr, blocks.data(), g_logits.data(), g_y, g_n,
+                             g_ys.data(), g_a, partial.data()},
+               rows, threads);  // (the backward only reads y)
+    // W_t gradients: x^T g over all rows, for the output projection (a, g_y), the three blocks and the gates (n, .)
+    over_pairs(WeightGradients<T>{rows, D, 5, {a, normed, normed, normed, normed},
+                                  {g_ys.data(), blocks.data(), blocks.data() + rows * D, blocks.data() + 2 * rows * D,
+                                   g_logits.data()},
+                                  {D, D, D, D, G}, {g_wo_t, g_wq_t[0], g_wq_t[1], g_wq_t[2], g_wg_t}},
+               D, threads);
+    for (i64 e = 0; e < D; ++e) {
+        T sum = 0;
+        for (i64 t = 0; t < used; ++t) sum += partial[t * D + e];
+        g_wn[e] = sum;
+    }
+    for (i64 k = 0; k < G; ++k) {
+        T sum = 0;
+        for (i64 i = 0; i < rows; ++i) sum += g_logits[i * G + k];
+        g_bg[k] = sum;
+    }
+}
+
 }  // namespace
 
 #define TITANS_SCAN_EXPORTS(T, SUFFIX)                                                                             \
@@ -1000,3 +1483,100 @@ TITANS_SCAN_EXPORTS(double, f64)
 
 TITANS_POINTWISE_EXPORTS(float, f32)
 TITANS_POINTWISE_EXPORTS(double, f64)
+
+#define TITANS_WRITE_EXPORTS(T, SUFFIX)                                                                            \
+    extern "C" i64 write_record_size_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,   \
+                                              i64 recording) {                                                     \
+        return write_record_size<T>(Dims{depth, m, subs, pairs, c, widths}, recording != 0);                       \
+    }                                                                                                              \
+    extern "C" void write_forward_##SUFFIX(                                                                        \
+        i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, i64 batch, i64 heads, i64 kernel,         \
+        const T* tail, const T* p, const T* conv_w, const T* conv_b, const T* logits, T max_lr, i64 momentum,      \
+        i64 forgetting, T no_momentum, const T* const* weights, const T* const* momentum_state,                    \
+        const T* const* anchor, T bound, T* record, i64 recording, T* y, T* const* end_weights,                    \
+        T* const* end_momentum, i64 threads) {                                                                     \
+        write_forward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, tail, p, conv_w, conv_b,    \
+                         logits, max_lr, momentum != 0, forgetting != 0, no_momentum, weights, momentum_state,     \
+                         anchor, bound, record, recording != 0, y, end_weights, end_momentum, threads);           \
+    }                                                                                                              \
+    extern "C" void write_backward_##SUFFIX(                                                                       \
+        i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, i64 batch, i64 heads, i64 kernel,         \
+        const T* tail, const T* p, const T* conv_w, const T* conv_b, const T* logits, T max_lr, i64 momentum,      \
+        i64 forgetting, const T* const* anchor, T bound, T* record, const T* g_y, const T* const* g_end_weights,   \
+        const T* const* g_end_momentum, T* g_tail, T* g_p, T* g_conv_w, T* g_conv_b, T* g_logits,                 \
+        T* const* g_weights, T* const* g_momentum, T* const* g_anchor, i64 threads) {                              \
+        write_backward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, tail, p, conv_w, conv_b,   \
+                          logits, max_lr, momentum != 0, forgetting != 0, anchor, bound, record, g_y,             \
+                          g_end_weights, g_end_momentum, g_tail, g_p, g_conv_w, g_conv_b, g_logits, g_weights,     \
+                          g_momentum, g_anchor, threads);                                                          \
+    }
+
+TITANS_WRITE_EXPORTS(float, f32)
+TITANS_WRITE_EXPORTS(double, f64)
+
+#define TITANS_READ_EXPORTS(T, SUFFIX)                                                                             \
+    extern "C" void mac_read_##SUFFIX(i64 depth, i64 pairs, i64 c, const i64* widths, i64 heads, i64 A, T eps,   \
+                                      const T* q, const T* const* weights, const T* w_norm, const T* gate,         \
+                                      const T* w_out_t, const T* w_k_t, const T* w_v_t, const T* cos,               \
+                                      const T* sin, T* u, T* h, T* kh, T* vh, i64 threads) {                       \
+        const Dims d{depth, 1, 1, pairs, c, widths};                                                              \
+        const i64 D = heads * d.cols(depth - 1), tokens = pairs / heads * c;                                     \
+        over_pairs(MemoryReadJob<T>{d, heads, eps, q, weights, w_norm, gate, u, nullptr, nullptr, nullptr,         \
+                                    nullptr, nullptr},                                                             \
+                   pairs, threads);                                                                                \
+        over_pairs(ReadProjection<T>{c, D, A, cos, sin, u, w_out_t, w_k_t, w_v_t, h, kh, vh, nullptr, nullptr,     \
+                                     nullptr, nullptr, nullptr, nullptr},                                          \
+                   tokens, threads);                                                                               \
+    }                                                                                                              \
+    extern "C" void mac_read_backward_##SUFFIX(                                                                    \
+        i64 depth, i64 pairs, i64 c, const i64* widths, i64 heads, i64 A, T eps, const T* q,                      \
+        const T* const* weights, const T* w_norm, const T* gate, const T* w_out_t, const T* w_k_t,                 \
+        const T* w_v_t, const T* cos, const T* sin, const T* u, const T* h, const T* g_kh, const T* g_vh,          \
+        T* g_q, T* g_gate, T* partial, T* const* g_weights, T* g_w_out_t, T* g_w_k_t, T* g_w_v_t, i64 threads) {    \
+        const Dims d{depth, 1, 1, pairs, c, widths};                                                              \
+        const i64 D = heads * d.cols(depth - 1), tokens = pairs / heads * c;                                     \
+        std::vector<T> g_k(tokens * D), g_v(tokens * D), g_h(tokens * D), g_u(tokens * D);                         \
+        over_pairs(ReadProjection<T>{c, D, A, cos, sin, u, w_out_t, w_k_t, w_v_t, nullptr, nullptr, nullptr, g_kh, \
+                                     g_vh, g_k.data(), g_v.data(), g_h.data(), g_u.data()},                        \
+                   tokens, threads);                                                                               \
+        over_pairs(WeightGradients<T>{tokens, D, 3, {u, h, h}, {g_h.data(), g_k.data(), g_v.data()}, {D, D, D},     \
+                                      {g_w_out_t, g_w_k_t, g_w_v_t}},                                              \
+                   D, threads);                                                                                    \
+        over_pairs(MemoryReadJob<T>{d, heads, eps, q, weights, w_norm, gate, nullptr, g_u.data(), g_q, g_gate,     \
+                                    partial, g_weights},                                                           \
+                   pairs, threads);                                                                                \
+    }
+
+TITANS_READ_EXPORTS(float, f32)
+TITANS_READ_EXPORTS(double, f64)
+
+#define TITANS_MAC_WRITE_EXPORTS(T, SUFFIX)                                                                        \
+    extern "C" void mac_write_forward_##SUFFIX(                                                                    \
+        i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, i64 batch, i64 heads, i64 kernel,         \
+        const T* a, const T* wo_t, const T* wn, T eps, const T* const* wq_t, const T* wg_t, const T* bg,           \
+        const T* tail, const T* conv_w, const T* conv_b, T max_lr, i64 momentum, i64 forgetting, T no_momentum,    \
+        const T* const* weights, const T* const* momentum_state, const T* const* anchor, T bound, T* record,        \
+        i64 recording, T* y, T* normed, T* p, T* logits, T* reads, T* const* end_weights, T* const* end_momentum,   \
+        i64 threads) {                                                                                             \
+        mac_write_forward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, a, wo_t, wn, eps, wq_t,  \
+                             wg_t, bg, tail, conv_w, conv_b, max_lr, momentum != 0, forgetting != 0, no_momentum,   \
+                             weights, momentum_state, anchor, bound, record, recording != 0, y, normed, p, logits,  \
+                             reads, end_weights, end_momentum, threads);                                           \
+    }                                                                                                              \
+    extern "C" void mac_write_backward_##SUFFIX(                                                                   \
+        i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, i64 batch, i64 heads, i64 kernel,         \
+        const T* a, const T* wo_t, const T* wn, T eps, const T* const* wq_t, const T* wg_t, const T* tail,         \
+        const T* conv_w, const T* conv_b, T max_lr, i64 momentum, i64 forgetting, const T* const* anchor, T bound,  \
+        T* record, const T* y, const T* normed, const T* p, const T* logits, const T* g_reads,                     \
+        const T* const* g_end_weights, const T* const* g_end_momentum, const T* g_y, const T* g_n,                  \
+        const T* g_p_out, T* g_a, T* g_wo_t, T* g_wn, T* const* g_wq_t, T* g_wg_t, T* g_bg, T* g_tail,              \
+        T* g_conv_w, T* g_conv_b, T* const* g_weights, T* const* g_momentum, T* const* g_anchor, i64 threads) {     \
+        mac_write_backward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, a, wo_t, wn, eps, wq_t, \
+                              wg_t, tail, conv_w, conv_b, max_lr, momentum != 0, forgetting != 0, anchor, bound,   \
+                              record, y, normed, p, logits, g_reads, g_end_weights, g_end_momentum, g_y, g_n,      \
+                              g_p_out, g_a, g_wo_t, g_wn, g_wq_t, g_wg_t, g_bg, g_tail, g_conv_w, g_conv_b,        \
+                              g_weights, g_momentum, g_anchor, threads);                                           \
+    }
+
+TITANS_MAC_WRITE_EXPORTS(float, f32)
+TITANS_MAC_WRITE_EXPORTS(double, f64)
