@@ -311,8 +311,8 @@ class SegmentWrite(torch.autograd.Function):
             spec, a, w_o_t, w_norm, eps, w_qkv_t, w_gates_t, b_gates, tail, conv_w, conv_b, weights, momentum,
             anchor, recording=True)
         ctx.spec, ctx.eps = spec, eps
-        ctx.save_for_backward(a, w_o_t, w_norm, w_gates_t, tail, conv_w, conv_b, record, y, normed, p, logits,
-                              *w_qkv_t, *anchor)
+        ctx.save_for_backward(a, w_o_t, w_norm, w_gates_t, tail, conv_w, conv_b, y, normed, p, logits, *w_qkv_t,
+                              *anchor, record.main, *record.parts)
         ctx.set_materialize_grads(False)
         return y, normed, p, reads, *end_weights, *end_momentum
 
@@ -320,9 +320,9 @@ class SegmentWrite(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_y: Tensor | None, g_normed: Tensor | None, g_p: Tensor | None, g_reads: Tensor | None,
                  *g_end: Tensor | None):
-        a, w_o_t, w_norm, w_gates_t, tail, conv_w, conv_b, record, y, normed, p, logits, *rest = ctx.saved_tensors
-        w_qkv_t, anchor = rest[:3], rest[3:]
-        depth, spec = len(anchor), ctx.spec
+        a, w_o_t, w_norm, w_gates_t, tail, conv_w, conv_b, y, normed, p, logits, *rest = ctx.saved_tensors
+        depth, spec = (len(rest) - 3) // 4, ctx.spec  # W_qkv^T blocks, anchor, the record: main and 3 depth - 1 parts
+        w_qkv_t, anchor, record = rest[:3], rest[3 : 3 + depth], native.Record(rest[3 + depth], rest[4 + depth :])
         if g_reads is None:
             g_reads = a.new_zeros(a.shape[0], spec.heads, a.shape[1], anchor[-1].shape[-1])
         g_y, g_normed, g_p, *g_end = (g if g is None else g.contiguous() for g in (g_y, g_normed, g_p, *g_end))

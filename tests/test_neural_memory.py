@@ -1,5 +1,6 @@
 """The chunk-parallel dual form against the plain token loop, streaming, gradients, the seed rule."""
 
+import ctypes
 import functools
 import itertools
 from pathlib import Path
@@ -546,6 +547,19 @@ def test_compiled_loops_give_the_same_bits_on_any_number_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@needs_native
+def test_every_entry_point_of_the_library_is_declared_for_both_dtypes():
+    # ctypes passes undeclared arguments as 32-bit ints and reads results as such: an undeclared size function
+    # once returned the size of the wrong record, and the write ran past its end
+    lib = native.library()
+    for suffix in native.SCALARS:
+        for name, signature in native.SIGNATURES.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            assert fn.argtypes is not None and len(fn.argtypes) == len(signature.replace(" ", "")), (name, suffix)
+        size = getattr(lib, f"write_record_size_{suffix}")
+        assert size.restype is ctypes.c_int64 and len(size.argtypes) == len(native.RECORD_SIZE.replace(" ", ""))
 
 
 @needs_native

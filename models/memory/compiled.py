@@ -182,7 +182,7 @@ def compiled_scan(weights: list[Tensor], momentum: list[Tensor], anchor: list[Te
 class CompiledWrite(torch.autograd.Function):
     """NeuralMemory.write after the linear projections, for a call that is one group of chunks (a MAC segment, a
     block of whole chunks): the conv and norms, the gate activations, the coefficients and the recorded scan in
-    one C call (native.write_forward), the backward in another, all the intermediates in one record. The same
+    one C call (native.write_forward), the backward in another, the intermediates in one record. The same
     arithmetic as CompiledProjection then CompiledScan (the jobs of native_scan.cpp they call, composed), in
     one node and one crossing each way instead of two nodes and six operator calls with their tensors'
     allocation, views and checks: at a 64-token segment those cost more than the arithmetic. Inputs: the spec,
@@ -197,15 +197,16 @@ class CompiledWrite(torch.autograd.Function):
         y, end_weights, end_momentum, record = native.write_forward(spec, tail, p, conv_w, conv_b, logits, weights,
                                                                     momentum, anchor, recording=True)
         ctx.spec = spec
-        ctx.save_for_backward(tail, p, conv_w, conv_b, logits, record, *anchor)
+        ctx.save_for_backward(tail, p, conv_w, conv_b, logits, *anchor, record.main, *record.parts)
         ctx.set_materialize_grads(False)
         return y, *end_weights, *end_momentum
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_y: Tensor | None, *g_end: Tensor | None):
-        tail, p, conv_w, conv_b, logits, record, *anchor = ctx.saved_tensors
-        depth, spec = len(anchor), ctx.spec
+        tail, p, conv_w, conv_b, logits, *saved = ctx.saved_tensors
+        depth, spec = len(saved) // 4, ctx.spec  # anchor, then the record: its main part and 3 depth - 1 parts
+        anchor, record = saved[:depth], native.Record(saved[depth], saved[depth + 1 :])
         if g_y is None:
             g_y = p.new_zeros(p.shape[0], spec.heads, p.shape[1], anchor[-1].shape[-1])
         g_end = [g if g is None else g.contiguous() for g in g_end]

@@ -69,12 +69,12 @@ SIGNATURES = {
     "conv_activate_normalise_backward": "iiiii pppp P pppp i",
     "norm_gate": "iiii t pppp i",
     "norm_gate_backward": "iiii t ppppppp i",
-    "write_forward": "iiiiiw iii ppppp t ii t PPP t p i p PP i",
-    "write_backward": "iiiiiw iii ppppp t ii P t pp PP ppppp PPP i",
+    "write_forward": "iiiiiw iii ppppp t ii t PPP t pP i p PP i",
+    "write_backward": "iiiiiw iii ppppp t ii P t pP p PP ppppp PPP i",
     "mac_read": "iiiw ii t pPpp ppppp pppp i",
     "mac_read_backward": "iiiw ii t pPpp ppppp pppp ppp P ppp i",
-    "mac_write_forward": "iiiiiw iii ppp t P pp ppp t ii t PPP t p i pppp p PP i",
-    "mac_write_backward": "iiiiiw iii ppp t P p ppp t ii P t p pppp p PP ppp ppp P ppp pp PPP i",
+    "mac_write_forward": "iiiiiw iii ppp t P pp ppp t ii t PPP t pP i pppp p PP i",
+    "mac_write_backward": "iiiiiw iii ppp t P p ppp t ii P t pP pppp p PP ppp ppp P ppp pp PPP i",
 }
 RECORD_SIZE = "iiiiiw i"  # write_record_size: the elements of a write's record, returned
 C_TYPES = {"i": ctypes.c_int64, "w": ctypes.POINTER(ctypes.c_int64), "p": ctypes.c_void_p,
@@ -122,8 +122,8 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as err:
         warnings.warn(f"the compiled memory scan is unavailable, using the slower torch loop: {err}", stacklevel=2)
         return None
-    for name, signature in SIGNATURES.items():
-        for suffix, scalar in SCALARS.items():
+    for suffix, scalar in SCALARS.items():
+        for name, signature in SIGNATURES.items():
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = [scalar if code == "t" else C_TYPES[code] for code in signature.replace(" ", "")]
             fn.restype = None
@@ -585,15 +585,36 @@ class WriteSpec(NamedTuple):
     bound: float
 
 
+class Record(NamedTuple):
+    """What a write's backward reads: `main` (native_scan.cpp's WriteRecord lays it out) and, when recording, the
+    state before every sub-chunk [B H, m s + 1, 2 d_l, d_{l+1}] per layer, then the keys' z per hidden layer and d
+    per layer [B H, N, d_{l+1}] as separate tensors: one record of them all is tens of megabytes at training
+    batch sizes, which glibc maps afresh on every call (page faults that cost as much as the scan)."""
+
+    main: Tensor
+    parts: list[Tensor]
+
+
 def _write_dims(spec: WriteSpec, weights: list[Tensor], batch: int) -> tuple[list[int], ctypes.Array]:
     widths = [w.shape[-2] for w in weights] + [weights[-1].shape[-1]]
     return ([len(weights), spec.m, spec.subs, batch * spec.heads, spec.c],
             (ctypes.c_int64 * len(widths))(*widths))
 
 
+def _record(spec: WriteSpec, weights: list[Tensor], batch: int, recording: bool) -> Record:
+    dims, widths = _write_dims(spec, weights, batch)
+    main = weights[0].new_empty(getattr(library(), f"write_record_size_{SUFFIX[weights[0].dtype]}")(
+        *dims, widths, recording))
+    if not recording:
+        return Record(main, [])
+    pairs, n = batch * spec.heads, spec.m * spec.c
+    path = [w.new_empty(pairs, spec.m * spec.subs + 1, 2 * w.shape[-2], w.shape[-1]) for w in weights]
+    return Record(main, path + [w.new_empty(pairs, n, w.shape[-1]) for w in weights[:-1] + weights])
+
+
 def write_forward(spec: WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, conv_b: Tensor, logits: Tensor,
                   weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor],
-                  recording: bool) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+                  recording: bool) -> tuple[Tensor, list[Tensor], list[Tensor], Record]:
     """The conv and norms, the gates, the coefficients and the scan with its reads, for contiguous tail [B, K - 1,
     3 D], projections p [B, N, 3 D] (N = m c), conv weight [K, 3 D] and bias, gate logits [B, N, 3 H] and states
     [B, H, R, C] per layer. Returns the reads [B, H, N, d_L], the end weights and momentum, and the record
@@ -609,18 +630,17 @@ def write_forward(spec: WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, conv
     _check_shapes("compiled memory write", expected, [] if n % spec.subs == 0 and spec.c % spec.subs == 0
                   and weights[0].shape[-2] == dh == weights[-1].shape[-1] else [f"group {spec} against n={n}"])
     dims, widths = _write_dims(spec, weights, batch)
-    suffix = SUFFIX[p.dtype]
-    record = p.new_empty(getattr(library(), f"write_record_size_{suffix}")(*dims, widths, recording))
+    record = _record(spec, weights, batch, recording)
     y = p.new_empty(batch, heads, n, weights[-1].shape[-1])
     end_weights, end_momentum = [w.new_empty(w.shape) for w in weights], [w.new_empty(w.shape) for w in weights]
     _call("write_forward", p.dtype, *dims, widths, batch, heads, kernel, tail, p, conv_w, conv_b, logits,
           spec.max_lr, spec.momentum, spec.forgetting, NO_MOMENTUM_LOG, weights, momentum, anchor, spec.bound,
-          record, recording, y, end_weights, end_momentum)
+          record.main, record.parts, recording, y, end_weights, end_momentum)
     return y, end_weights, end_momentum, record
 
 
 def write_backward(spec: WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, conv_b: Tensor, logits: Tensor,
-                   anchor: list[Tensor], record: Tensor, g_y: Tensor, g_end_weights: list[Tensor | None],
+                   anchor: list[Tensor], record: Record, g_y: Tensor, g_end_weights: list[Tensor | None],
                    g_end_momentum: list[Tensor | None]) -> tuple[Tensor, ...]:
     """write_forward's backward from its record and the gradients of the reads and of the end states (None: not
     used). Returns the gradients of tail, p, the conv weight and bias, the logits, then per layer those of
@@ -630,7 +650,7 @@ def write_backward(spec: WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, con
     g_tail, g_p, g_conv_w, g_conv_b, g_logits = (t.new_empty(t.shape) for t in (tail, p, conv_w, conv_b, logits))
     g_weights, g_momentum, g_anchor = ([a.new_empty(a.shape) for a in anchor] for _ in range(3))
     _call("write_backward", p.dtype, *dims, widths, batch, spec.heads, kernel, tail, p, conv_w, conv_b, logits,
-          spec.max_lr, spec.momentum, spec.forgetting, anchor, spec.bound, record, g_y.contiguous(), g_end_weights,
+          spec.max_lr, spec.momentum, spec.forgetting, anchor, spec.bound, *record, g_y.contiguous(), g_end_weights,
           g_end_momentum, g_tail, g_p, g_conv_w, g_conv_b, g_logits, g_weights, g_momentum, g_anchor)
     return g_tail, g_p, g_conv_w, g_conv_b, g_logits, g_weights, g_momentum, g_anchor
 
@@ -701,20 +721,20 @@ def mac_write_forward(spec: WriteSpec, a: Tensor, w_o_t: Tensor, w_norm: Tensor,
     _check_shapes("compiled MAC write", expected, [] if n == spec.m * spec.c and weights[0].shape[-2] * heads == d
                   else [f"group {spec} against a {tuple(a.shape)}"])
     dims, widths = _write_dims(spec, weights, batch)
-    record = a.new_empty(getattr(library(), f"write_record_size_{SUFFIX[a.dtype]}")(*dims, widths, recording))
+    record = _record(spec, weights, batch, recording)
     y, normed, p, logits = (a.new_empty(batch, n, width) for width in (d, d, 3 * d, 3 * heads))
     reads = a.new_empty(batch, heads, n, weights[-1].shape[-1])
     end_weights, end_momentum = [w.new_empty(w.shape) for w in weights], [w.new_empty(w.shape) for w in weights]
     _call("mac_write_forward", a.dtype, *dims, widths, batch, heads, conv_w.shape[0], a, w_o_t, w_norm, eps, w_qkv_t,
           w_gates_t, b_gates, tail, conv_w, conv_b, spec.max_lr, spec.momentum, spec.forgetting, NO_MOMENTUM_LOG,
-          weights, momentum, anchor, spec.bound, record, recording, y, normed, p, logits, reads, end_weights,
+          weights, momentum, anchor, spec.bound, *record, recording, y, normed, p, logits, reads, end_weights,
           end_momentum)
     return y, normed, p, logits, reads, end_weights, end_momentum, record
 
 
 def mac_write_backward(spec: WriteSpec, a: Tensor, w_o_t: Tensor, w_norm: Tensor, eps: float, w_qkv_t: list[Tensor],
                        w_gates_t: Tensor, tail: Tensor, conv_w: Tensor, conv_b: Tensor, anchor: list[Tensor],
-                       record: Tensor, y: Tensor, normed: Tensor, p: Tensor, logits: Tensor, g_reads: Tensor,
+                       record: Record, y: Tensor, normed: Tensor, p: Tensor, logits: Tensor, g_reads: Tensor,
                        g_end_weights: list[Tensor | None], g_end_momentum: list[Tensor | None], g_y: Tensor | None,
                        g_normed: Tensor | None, g_p: Tensor | None) -> tuple[Tensor, ...]:
     """mac_write_forward's backward (None: an output not used). Returns the gradients of a, W_o^T, w_norm, the
@@ -727,8 +747,8 @@ def mac_write_backward(spec: WriteSpec, a: Tensor, w_o_t: Tensor, w_norm: Tensor
     g_w_qkv_t, g_b_gates = [w.new_empty(w.shape) for w in w_qkv_t], a.new_empty(3 * spec.heads)
     g_weights, g_momentum, g_anchor = ([t.new_empty(t.shape) for t in anchor] for _ in range(3))
     _call("mac_write_backward", a.dtype, *dims, widths, batch, spec.heads, kernel, a, w_o_t, w_norm, eps, w_qkv_t,
-          w_gates_t, tail, conv_w, conv_b, spec.max_lr, spec.momentum, spec.forgetting, anchor, spec.bound, record, y,
-          normed, p, logits, g_reads.contiguous(), g_end_weights, g_end_momentum, g_y, g_normed, g_p, g_a, g_w_o_t,
+          w_gates_t, tail, conv_w, conv_b, spec.max_lr, spec.momentum, spec.forgetting, anchor, spec.bound, *record,
+          y, normed, p, logits, g_reads.contiguous(), g_end_weights, g_end_momentum, g_y, g_normed, g_p, g_a, g_w_o_t,
           g_w_norm, g_w_qkv_t, g_w_gates_t, g_b_gates, g_tail, g_conv_w, g_conv_b, g_weights, g_momentum, g_anchor)
     return (g_a, g_w_o_t, g_w_norm, *g_w_qkv_t, g_w_gates_t, g_b_gates, g_tail, g_conv_w, g_conv_b, g_weights,
             g_momentum, g_anchor)

@@ -3,7 +3,8 @@
 // backward; the same math and the same tensor layouts (see there for the derivation). After them, the layer's
 // pointwise work around the scan, with its backward; then MAC's read of a segment (the memory MLP, norm, gate
 // and the products to h's keys and values) and entry points that compose the jobs into one call each way (a
-// memory write that is one group of chunks; MAC's write of a segment from its attention's output). Every (batch, head) pair is an independent recurrence, so the
+// memory write that is one group of chunks; MAC's write of a segment from its attention's output). Every
+// (batch, head) pair is an independent recurrence, so the
 // pairs are shared out over threads and each runs its whole chunk loop without a barrier; inside, the
 // matrices are a few dozen wide, small enough that register-blocked loops beat a call into a BLAS per product.
 //
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include <omp.h>
@@ -1033,7 +1035,8 @@ struct ReadProjection {
             }
         }
     }
-    i64 at(i64 i, i64 a) const { return (((i / c) * A + a) * c + i % c) * (D / A); }  // token i, head a in [B, A, c, dha]
+    // token i's head a in [B, A, c, dha]
+    i64 at(i64 i, i64 a) const { return (((i / c) * A + a) * c + i % c) * (D / A); }
 
     void run(i64 lo, i64 hi) const {
         const i64 rows = hi - lo, dha = D / A;
@@ -1093,15 +1096,18 @@ struct WeightGradients {
 // with their tensors' allocations, views and checks, which at MAC's 64-token segments cost more than the loops.
 // What the backward reads is recorded in one workspace that the forward fills, laid out by WriteRecord.
 
-// The record's parts, carved from `base` in this order (base null: only the size is counted). Recording keeps
-// the state before every sub-chunk and the keys' z and d for the backward; inference keeps the end state only.
+// The record: what the backward reads, carved from `base` in this order (base null: only the size is counted),
+// and when recording the state before every sub-chunk and the keys' z and d, given as separate buffers `parts`
+// (path per layer [P, m s + 1, 2 R, C], then z per hidden layer and d per layer [P, N, C]): allocated apart, each
+// stays below the size from which glibc maps every allocation afresh, whose page faults cost as much as the scan.
+// Inference keeps the end state in the record instead.
 template <typename T>
 struct WriteRecord {
     T *q, *k, *v, *le, *lk, *th, *scales, *G, *BBC, *mix, *write;
     std::vector<T*> start, path, zs, ds, end;
     i64 size = 0;
 
-    WriteRecord(const Dims& d, T* base, bool recording)
+    WriteRecord(const Dims& d, T* base, T* const* parts, bool recording)
         : start(d.depth), path(d.depth, nullptr), zs(d.depth, nullptr), ds(d.depth, nullptr), end(d.depth, nullptr) {
         const i64 P = d.pairs, n = d.m * d.c, U = d.m * d.subs, r = d.c / d.subs, L = d.depth;
         auto take = [&](i64 count) {
@@ -1122,12 +1128,12 @@ struct WriteRecord {
         write = take(P * U * 2 * r);
         for (i64 l = 0; l < L; ++l) {
             start[l] = take(P * 2 * d.numel(l));
-            if (recording) {
-                path[l] = take(P * (U + 1) * 2 * d.numel(l));
-                if (l + 1 < L) zs[l] = take(P * n * d.cols(l));
-                ds[l] = take(P * n * d.cols(l));
-            } else {
+            if (!recording) {
                 end[l] = take(P * 2 * d.numel(l));
+            } else if (parts) {
+                path[l] = parts[l];
+                if (l + 1 < L) zs[l] = parts[L + l];
+                ds[l] = parts[2 * L - 1 + l];
             }
         }
     }
@@ -1206,17 +1212,42 @@ struct States {
     }
 };
 
+// Scratch that the jobs overwrite whole. A std::vector would zero it first: one serial pass over tens of
+// megabytes at training batch sizes, longer than the jobs themselves.
+template <typename T>
+class Buffer {
+  public:
+    explicit Buffer(i64 n) : data_(new T[n]) {}
+    T* data() const { return data_.get(); }
+    T& operator[](i64 i) const { return data_[i]; }
+
+  private:
+    std::unique_ptr<T[]> data_;
+};
+
+// x = -x over [lo, hi) of `per` elements per unit
+template <typename T>
+struct Negate {
+    T* x;
+    i64 per;
+
+    void run(i64 lo, i64 hi) const {
+        for (i64 e = lo * per; e < hi * per; ++e) x[e] = -x[e];
+    }
+};
+
 template <typename T>
 i64 write_record_size(const Dims& d, bool recording) {
-    return WriteRecord<T>(d, nullptr, recording).size;
+    return WriteRecord<T>(d, nullptr, nullptr, recording).size;
 }
 
 template <typename T>
 void write_forward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T* tail, const T* p, const T* conv_w,
                    const T* conv_b, const T* logits, T max_lr, bool momentum, bool forgetting, T no_momentum,
                    const T* const* weights, const T* const* momentum_state, const T* const* anchor, T bound,
-                   T* record, bool recording, T* y, T* const* end_weights, T* const* end_momentum, i64 threads) {
-    const WriteRecord<T> w(d, record, recording);
+                   T* record, T* const* parts, bool recording, T* y, T* const* end_weights, T* const* end_momentum,
+                   i64 threads) {
+    const WriteRecord<T> w(d, record, parts, recording);
     const i64 n = d.m * d.c, r = d.c / d.subs, dh = d.rows(0), P = d.pairs, U = d.m * d.subs;
     T* const qkv[3] = {w.q, w.k, w.v};
     over_pairs(ConvActivateNormalise<T>{n, heads, dh, kernel, tail, p, conv_w, conv_b, qkv, nullptr, nullptr,
@@ -1242,30 +1273,30 @@ void write_forward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T* tai
 template <typename T>
 void write_backward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T* tail, const T* p, const T* conv_w,
                     const T* conv_b, const T* logits, T max_lr, bool momentum, bool forgetting,
-                    const T* const* anchor, T bound, T* record, const T* g_y, const T* const* g_end_weights,
+                    const T* const* anchor, T bound, T* record, T* const* parts, const T* g_y,
+                    const T* const* g_end_weights,
                     const T* const* g_end_momentum, T* g_tail, T* g_p, T* g_conv_w, T* g_conv_b, T* g_logits,
                     T* const* g_weights, T* const* g_momentum, T* const* g_anchor, i64 threads) {
-    const WriteRecord<T> w(d, record, true);
+    const WriteRecord<T> w(d, record, parts, true);
     const i64 n = d.m * d.c, r = d.c / d.subs, dh = d.rows(0), P = d.pairs, U = d.m * d.subs, L = d.depth;
     const i64 channels = 3 * heads * dh, used = threads < 1 ? 1 : threads;
-    std::vector<std::vector<T>> g_end(L), g_states(L);
+    std::vector<Buffer<T>> g_end, g_states;
     std::vector<T*> g_end_at(L), g_states_at(L);
     for (i64 l = 0; l < L; ++l) {
-        g_end[l].resize(P * 2 * d.numel(l));
-        g_states[l].resize(P * 2 * d.numel(l));
-        g_end_at[l] = g_end[l].data();
-        g_states_at[l] = g_states[l].data();
+        g_end_at[l] = g_end.emplace_back(P * 2 * d.numel(l)).data();
+        g_states_at[l] = g_states.emplace_back(P * 2 * d.numel(l)).data();
     }
-    std::vector<T> g_k(P * n * dh), g_v(P * n * d.cols(L - 1)), g_write(P * U * 2 * r, T(0)), g_mix(P * U * 4, T(0)),
-        g_q(P * n * dh), g_G(P * U * r * r), g_BBC(P * U * r * 2), g_gates(3 * P * n), g_a(batch * n * channels),
-        partial(used * (kernel + 1) * channels, T(0));
+    const Buffer<T> g_k(P * n * dh), g_v(P * n * d.cols(L - 1)), g_q(P * n * dh), g_G(P * U * r * r),
+        g_BBC(P * U * r * 2), g_gates(3 * P * n), g_a(batch * n * channels);
+    std::vector<T> g_write(P * U * 2 * r, T(0)), g_mix(P * U * 4, T(0)), partial(used * (kernel + 1) * channels, T(0));
     T *g_th = g_gates.data(), *g_le = g_th + P * n, *g_lk = g_le + P * n;
     over_pairs(States<T>{d, g_end_at.data(), 1, 0, g_end_weights, g_end_momentum, nullptr, nullptr}, P, threads);
     over_pairs(Backward<T>{d, anchor, w.k, w.write, w.mix, w.path.data(), w.zs.data(), w.ds.data(), w.q, w.G, w.BBC,
                            g_y, g_end_at.data(), g_k.data(), g_v.data(), g_write.data(), g_mix.data(), g_q.data(),
-                           g_G.data(), g_BBC.data(), g_states_at.data(), g_anchor, bound, bound > 0 ? w.scales : nullptr},
+                           g_G.data(), g_BBC.data(), g_states_at.data(), g_anchor, bound,
+                           bound > 0 ? w.scales : nullptr},
                P, threads);
-    for (T& g : g_v) g = -g;  // the backward gives the gradient of M(k) - v
+    over_pairs(Negate<T>{g_v.data(), n * d.cols(L - 1)}, P, threads);  // the backward gives that of M(k) - v
     over_pairs(Coefficients<T>{r, w.le, w.lk, w.th, nullptr, nullptr, nullptr, nullptr, g_G.data(), g_BBC.data(),
                                g_mix.data(), g_write.data(), g_le, g_lk, g_th},
                P * U, threads);
@@ -1356,14 +1387,15 @@ void mac_write_forward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T*
                        const T* const* wq_t, const T* wg_t, const T* bg, const T* tail, const T* conv_w,
                        const T* conv_b, T max_lr, bool momentum, bool forgetting, T no_momentum,
                        const T* const* weights, const T* const* momentum_state, const T* const* anchor, T bound,
-                       T* record, bool recording, T* y, T* normed, T* p, T* logits, T* reads, T* const* end_weights,
+                       T* record, T* const* parts, bool recording, T* y, T* normed, T* p, T* logits, T* reads,
+                       T* const* end_weights,
                        T* const* end_momentum, i64 threads) {
     const i64 rows = batch * d.m * d.c, D = heads * d.rows(0), G = 3 * heads;
     over_pairs(WriteInput<T>{D, G, rows, eps, a, wo_t, wn, {wq_t[0], wq_t[1], wq_t[2]}, wg_t, bg, y, normed, p, logits,
                              nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr},
                rows, threads);
     write_forward<T>(d, batch, heads, kernel, tail, p, conv_w, conv_b, logits, max_lr, momentum, forgetting,
-                     no_momentum, weights, momentum_state, anchor, bound, record, recording, reads, end_weights,
+                     no_momentum, weights, momentum_state, anchor, bound, record, parts, recording, reads, end_weights,
                      end_momentum, threads);
 }
 
@@ -1371,16 +1403,18 @@ template <typename T>
 void mac_write_backward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T* a, const T* wo_t, const T* wn,
                         T eps, const T* const* wq_t, const T* wg_t, const T* tail, const T* conv_w, const T* conv_b,
                         T max_lr, bool momentum, bool forgetting, const T* const* anchor, T bound, T* record,
+                        T* const* parts,
                         const T* y, const T* normed, const T* p, const T* logits, const T* g_reads,
                         const T* const* g_end_weights, const T* const* g_end_momentum, const T* g_y, const T* g_n,
                         const T* g_p_out, T* g_a, T* g_wo_t, T* g_wn, T* const* g_wq_t, T* g_wg_t, T* g_bg, T* g_tail,
                         T* g_conv_w, T* g_conv_b, T* const* g_weights, T* const* g_momentum, T* const* g_anchor,
                         i64 threads) {
     const i64 rows = batch * d.m * d.c, D = heads * d.rows(0), G = 3 * heads, used = threads < 1 ? 1 : threads;
-    std::vector<T> g_p(rows * 3 * D), g_logits(rows * G), blocks(3 * rows * D), g_ys(rows * D),
-        partial(used * D, T(0));
+    const Buffer<T> g_p(rows * 3 * D), g_logits(rows * G), blocks(3 * rows * D), g_ys(rows * D);
+    std::vector<T> partial(used * D, T(0));
     write_backward<T>(d, batch, heads, kernel, tail, p, conv_w, conv_b, logits, max_lr, momentum, forgetting, anchor,
-                      bound, record, g_reads, g_end_weights, g_end_momentum, g_tail, g_p.data(), g_conv_w, g_conv_b,
+                      bound, record, parts, g_reads, g_end_weights, g_end_momentum, g_tail, g_p.data(), g_conv_w,
+                      g_conv_b,
                       g_logits.data(), g_weights, g_momentum, g_anchor, threads);
     for (i64 i = 0; i < rows; ++i)  // p's gradient, from the write and from p's own users, as three [rows, D] blocks
         for (int j = 0; j < 3; ++j)
@@ -1412,24 +1446,24 @@ void mac_write_backward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T
 }  // namespace
 
 #define TITANS_SCAN_EXPORTS(T, SUFFIX)                                                                             \
-    extern "C" void scan_forward_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,       \
-                                          const T* const* start, const T* const* anchor, const T* k, const T* v,  \
-                                          const T* write, const T* mix, T* const* path, T* const* zs,             \
-                                          T* const* ds, const T* q, const T* G, const T* BBC, T* y,               \
-                                          T* const* end, T bound, T* scales, i64 threads) {                       \
-        const Dims d{depth, m, subs, pairs, c, widths};                                                           \
+    extern "C" void scan_forward_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,         \
+                                          const T* const* start, const T* const* anchor, const T* k, const T* v,   \
+                                          const T* write, const T* mix, T* const* path, T* const* zs,              \
+                                          T* const* ds, const T* q, const T* G, const T* BBC, T* y,                \
+                                          T* const* end, T bound, T* scales, i64 threads) {                        \
+        const Dims d{depth, m, subs, pairs, c, widths};                                                            \
         over_pairs(Forward<T>{d, start, anchor, k, v, write, mix, path, zs, ds, q, G, BBC, y, end, bound, scales}, \
-                   pairs, threads);                                                                               \
-    }                                                                                                             \
-    extern "C" void scan_backward_##SUFFIX(                                                                       \
-        i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, const T* const* anchor, const T* k,     \
-        const T* write, const T* mix, const T* const* path, const T* const* zs, const T* const* ds, const T* q,   \
-        const T* G, const T* BBC, const T* g_y, const T* const* g_end, T* g_k, T* g_dout, T* g_write, T* g_mix,      \
+                   pairs, threads);                                                                                \
+    }                                                                                                              \
+    extern "C" void scan_backward_##SUFFIX(                                                                        \
+        i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, const T* const* anchor, const T* k,       \
+        const T* write, const T* mix, const T* const* path, const T* const* zs, const T* const* ds, const T* q,    \
+        const T* G, const T* BBC, const T* g_y, const T* const* g_end, T* g_k, T* g_dout, T* g_write, T* g_mix,    \
         T* g_q, T* g_G, T* g_BBC, T* const* g_states, T* const* g_anchor, T bound, const T* scales, i64 threads) { \
-        const Dims d{depth, m, subs, pairs, c, widths};                                                           \
-        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, q, G, BBC, g_y, g_end, g_k, g_dout,     \
-                               g_write, g_mix, g_q, g_G, g_BBC, g_states, g_anchor, bound, scales},              \
-                   pairs, threads);                                                                               \
+        const Dims d{depth, m, subs, pairs, c, widths};                                                            \
+        over_pairs(Backward<T>{d, anchor, k, write, mix, path, zs, ds, q, G, BBC, g_y, g_end, g_k, g_dout,         \
+                               g_write, g_mix, g_q, g_G, g_BBC, g_states, g_anchor, bound, scales},                \
+                   pairs, threads);                                                                                \
     }
 
 #define TITANS_COEFFICIENT_EXPORTS(T, SUFFIX)                                                                      \
@@ -1439,7 +1473,7 @@ void mac_write_backward(const Dims& d, i64 batch, i64 heads, i64 kernel, const T
                                    nullptr, nullptr},                                                              \
                    units, threads);                                                                                \
     }                                                                                                              \
-    extern "C" void coefficients_backward_##SUFFIX(i64 units, i64 r, const T* le, const T* lk, const T* th,       \
+    extern "C" void coefficients_backward_##SUFFIX(i64 units, i64 r, const T* le, const T* lk, const T* th,        \
                                                    const T* gG, const T* gBBC, const T* gmix, const T* gwrite,     \
                                                    T* gle, T* glk, T* gth, i64 threads) {                          \
         over_pairs(Coefficients<T>{r, le, lk, th, nullptr, nullptr, nullptr, nullptr, gG, gBBC, gmix, gwrite, gle, \
@@ -1454,27 +1488,27 @@ TITANS_SCAN_EXPORTS(float, f32)
 TITANS_SCAN_EXPORTS(double, f64)
 
 #define TITANS_POINTWISE_EXPORTS(T, SUFFIX)                                                                        \
-    extern "C" void conv_activate_normalise_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, i64 kernel,             \
-                                                     const T* tail, const T* p, const T* w, const T* bias,        \
+    extern "C" void conv_activate_normalise_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, i64 kernel,              \
+                                                     const T* tail, const T* p, const T* w, const T* bias,         \
                                                      T* const* out, i64 threads) {                                 \
-        over_pairs(ConvActivateNormalise<T>{n, heads, dh, kernel, tail, p, w, bias, out, nullptr, nullptr,        \
+        over_pairs(ConvActivateNormalise<T>{n, heads, dh, kernel, tail, p, w, bias, out, nullptr, nullptr,         \
                                             nullptr},                                                              \
                    batch * n, threads);                                                                            \
     }                                                                                                              \
     extern "C" void conv_activate_normalise_backward_##SUFFIX(                                                     \
-        i64 batch, i64 n, i64 heads, i64 dh, i64 kernel, const T* tail, const T* p, const T* w, const T* bias,    \
+        i64 batch, i64 n, i64 heads, i64 dh, i64 kernel, const T* tail, const T* p, const T* w, const T* bias,     \
         const T* const* g_out, T* g_a, T* partial, T* g_tail, T* g_p, i64 threads) {                               \
         over_pairs(ConvActivateNormalise<T>{n, heads, dh, kernel, tail, p, w, bias, nullptr, g_out, g_a, partial}, \
                    batch * n, threads);                                                                            \
         over_pairs(ConvInputGradient<T>{n, 3 * heads * dh, kernel, w, g_a, g_tail, g_p}, batch * (kernel - 1 + n), \
                    threads);                                                                                       \
     }                                                                                                              \
-    extern "C" void norm_gate_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, T eps, const T* y, const T* weight,   \
+    extern "C" void norm_gate_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, T eps, const T* y, const T* weight,    \
                                        const T* logits, T* out, i64 threads) {                                     \
         over_pairs(NormGate<T>{n, heads, dh, eps, y, weight, logits, out, nullptr, nullptr, nullptr, nullptr},     \
                    batch * n, threads);                                                                            \
     }                                                                                                              \
-    extern "C" void norm_gate_backward_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, T eps, const T* y,           \
+    extern "C" void norm_gate_backward_##SUFFIX(i64 batch, i64 n, i64 heads, i64 dh, T eps, const T* y,            \
                                                 const T* weight, const T* logits, const T* g_out, T* g_y,          \
                                                 T* g_logits, T* partial, i64 threads) {                            \
         over_pairs(NormGate<T>{n, heads, dh, eps, y, weight, logits, nullptr, g_out, g_y, g_logits, partial},      \
@@ -1485,7 +1519,7 @@ TITANS_POINTWISE_EXPORTS(float, f32)
 TITANS_POINTWISE_EXPORTS(double, f64)
 
 #define TITANS_WRITE_EXPORTS(T, SUFFIX)                                                                            \
-    extern "C" i64 write_record_size_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,   \
+    extern "C" i64 write_record_size_##SUFFIX(i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths,     \
                                               i64 recording) {                                                     \
         return write_record_size<T>(Dims{depth, m, subs, pairs, c, widths}, recording != 0);                       \
     }                                                                                                              \
@@ -1493,20 +1527,21 @@ TITANS_POINTWISE_EXPORTS(double, f64)
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, i64 batch, i64 heads, i64 kernel,         \
         const T* tail, const T* p, const T* conv_w, const T* conv_b, const T* logits, T max_lr, i64 momentum,      \
         i64 forgetting, T no_momentum, const T* const* weights, const T* const* momentum_state,                    \
-        const T* const* anchor, T bound, T* record, i64 recording, T* y, T* const* end_weights,                    \
-        T* const* end_momentum, i64 threads) {                                                                     \
+        const T* const* anchor, T bound, T* record, T* const* parts, i64 recording, T* y,                          \
+        T* const* end_weights, T* const* end_momentum, i64 threads) {                                              \
         write_forward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, tail, p, conv_w, conv_b,    \
                          logits, max_lr, momentum != 0, forgetting != 0, no_momentum, weights, momentum_state,     \
-                         anchor, bound, record, recording != 0, y, end_weights, end_momentum, threads);           \
+                         anchor, bound, record, parts, recording != 0, y, end_weights, end_momentum, threads);     \
     }                                                                                                              \
     extern "C" void write_backward_##SUFFIX(                                                                       \
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, i64 batch, i64 heads, i64 kernel,         \
         const T* tail, const T* p, const T* conv_w, const T* conv_b, const T* logits, T max_lr, i64 momentum,      \
-        i64 forgetting, const T* const* anchor, T bound, T* record, const T* g_y, const T* const* g_end_weights,   \
-        const T* const* g_end_momentum, T* g_tail, T* g_p, T* g_conv_w, T* g_conv_b, T* g_logits,                 \
+        i64 forgetting, const T* const* anchor, T bound, T* record, T* const* parts, const T* g_y,                 \
+        const T* const* g_end_weights,                                                                             \
+        const T* const* g_end_momentum, T* g_tail, T* g_p, T* g_conv_w, T* g_conv_b, T* g_logits,                  \
         T* const* g_weights, T* const* g_momentum, T* const* g_anchor, i64 threads) {                              \
         write_backward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, tail, p, conv_w, conv_b,   \
-                          logits, max_lr, momentum != 0, forgetting != 0, anchor, bound, record, g_y,             \
+                          logits, max_lr, momentum != 0, forgetting != 0, anchor, bound, record, parts, g_y,       \
                           g_end_weights, g_end_momentum, g_tail, g_p, g_conv_w, g_conv_b, g_logits, g_weights,     \
                           g_momentum, g_anchor, threads);                                                          \
     }
@@ -1515,12 +1550,12 @@ TITANS_WRITE_EXPORTS(float, f32)
 TITANS_WRITE_EXPORTS(double, f64)
 
 #define TITANS_READ_EXPORTS(T, SUFFIX)                                                                             \
-    extern "C" void mac_read_##SUFFIX(i64 depth, i64 pairs, i64 c, const i64* widths, i64 heads, i64 A, T eps,   \
+    extern "C" void mac_read_##SUFFIX(i64 depth, i64 pairs, i64 c, const i64* widths, i64 heads, i64 A, T eps,     \
                                       const T* q, const T* const* weights, const T* w_norm, const T* gate,         \
-                                      const T* w_out_t, const T* w_k_t, const T* w_v_t, const T* cos,               \
+                                      const T* w_out_t, const T* w_k_t, const T* w_v_t, const T* cos,              \
                                       const T* sin, T* u, T* h, T* kh, T* vh, i64 threads) {                       \
-        const Dims d{depth, 1, 1, pairs, c, widths};                                                              \
-        const i64 D = heads * d.cols(depth - 1), tokens = pairs / heads * c;                                     \
+        const Dims d{depth, 1, 1, pairs, c, widths};                                                               \
+        const i64 D = heads * d.cols(depth - 1), tokens = pairs / heads * c;                                       \
         over_pairs(MemoryReadJob<T>{d, heads, eps, q, weights, w_norm, gate, u, nullptr, nullptr, nullptr,         \
                                     nullptr, nullptr},                                                             \
                    pairs, threads);                                                                                \
@@ -1529,17 +1564,17 @@ TITANS_WRITE_EXPORTS(double, f64)
                    tokens, threads);                                                                               \
     }                                                                                                              \
     extern "C" void mac_read_backward_##SUFFIX(                                                                    \
-        i64 depth, i64 pairs, i64 c, const i64* widths, i64 heads, i64 A, T eps, const T* q,                      \
+        i64 depth, i64 pairs, i64 c, const i64* widths, i64 heads, i64 A, T eps, const T* q,                       \
         const T* const* weights, const T* w_norm, const T* gate, const T* w_out_t, const T* w_k_t,                 \
         const T* w_v_t, const T* cos, const T* sin, const T* u, const T* h, const T* g_kh, const T* g_vh,          \
-        T* g_q, T* g_gate, T* partial, T* const* g_weights, T* g_w_out_t, T* g_w_k_t, T* g_w_v_t, i64 threads) {    \
-        const Dims d{depth, 1, 1, pairs, c, widths};                                                              \
-        const i64 D = heads * d.cols(depth - 1), tokens = pairs / heads * c;                                     \
-        std::vector<T> g_k(tokens * D), g_v(tokens * D), g_h(tokens * D), g_u(tokens * D);                         \
+        T* g_q, T* g_gate, T* partial, T* const* g_weights, T* g_w_out_t, T* g_w_k_t, T* g_w_v_t, i64 threads) {   \
+        const Dims d{depth, 1, 1, pairs, c, widths};                                                               \
+        const i64 D = heads * d.cols(depth - 1), tokens = pairs / heads * c;                                       \
+        const Buffer<T> g_k(tokens * D), g_v(tokens * D), g_h(tokens * D), g_u(tokens * D);                        \
         over_pairs(ReadProjection<T>{c, D, A, cos, sin, u, w_out_t, w_k_t, w_v_t, nullptr, nullptr, nullptr, g_kh, \
                                      g_vh, g_k.data(), g_v.data(), g_h.data(), g_u.data()},                        \
                    tokens, threads);                                                                               \
-        over_pairs(WeightGradients<T>{tokens, D, 3, {u, h, h}, {g_h.data(), g_k.data(), g_v.data()}, {D, D, D},     \
+        over_pairs(WeightGradients<T>{tokens, D, 3, {u, h, h}, {g_h.data(), g_k.data(), g_v.data()}, {D, D, D},    \
                                       {g_w_out_t, g_w_k_t, g_w_v_t}},                                              \
                    D, threads);                                                                                    \
         over_pairs(MemoryReadJob<T>{d, heads, eps, q, weights, w_norm, gate, nullptr, g_u.data(), g_q, g_gate,     \
@@ -1555,26 +1590,26 @@ TITANS_READ_EXPORTS(double, f64)
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, i64 batch, i64 heads, i64 kernel,         \
         const T* a, const T* wo_t, const T* wn, T eps, const T* const* wq_t, const T* wg_t, const T* bg,           \
         const T* tail, const T* conv_w, const T* conv_b, T max_lr, i64 momentum, i64 forgetting, T no_momentum,    \
-        const T* const* weights, const T* const* momentum_state, const T* const* anchor, T bound, T* record,        \
-        i64 recording, T* y, T* normed, T* p, T* logits, T* reads, T* const* end_weights, T* const* end_momentum,   \
-        i64 threads) {                                                                                             \
-        mac_write_forward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, a, wo_t, wn, eps, wq_t,  \
-                             wg_t, bg, tail, conv_w, conv_b, max_lr, momentum != 0, forgetting != 0, no_momentum,   \
-                             weights, momentum_state, anchor, bound, record, recording != 0, y, normed, p, logits,  \
-                             reads, end_weights, end_momentum, threads);                                           \
+        const T* const* weights, const T* const* momentum_state, const T* const* anchor, T bound, T* record,       \
+        T* const* parts, i64 recording, T* y, T* normed, T* p, T* logits, T* reads, T* const* end_weights,         \
+        T* const* end_momentum, i64 threads) {                                                                     \
+        mac_write_forward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, a, wo_t, wn, eps, wq_t, \
+                             wg_t, bg, tail, conv_w, conv_b, max_lr, momentum != 0, forgetting != 0, no_momentum,  \
+                             weights, momentum_state, anchor, bound, record, parts, recording != 0, y, normed, p,  \
+                             logits, reads, end_weights, end_momentum, threads);                                   \
     }                                                                                                              \
     extern "C" void mac_write_backward_##SUFFIX(                                                                   \
         i64 depth, i64 m, i64 subs, i64 pairs, i64 c, const i64* widths, i64 batch, i64 heads, i64 kernel,         \
         const T* a, const T* wo_t, const T* wn, T eps, const T* const* wq_t, const T* wg_t, const T* tail,         \
-        const T* conv_w, const T* conv_b, T max_lr, i64 momentum, i64 forgetting, const T* const* anchor, T bound,  \
-        T* record, const T* y, const T* normed, const T* p, const T* logits, const T* g_reads,                     \
-        const T* const* g_end_weights, const T* const* g_end_momentum, const T* g_y, const T* g_n,                  \
-        const T* g_p_out, T* g_a, T* g_wo_t, T* g_wn, T* const* g_wq_t, T* g_wg_t, T* g_bg, T* g_tail,              \
-        T* g_conv_w, T* g_conv_b, T* const* g_weights, T* const* g_momentum, T* const* g_anchor, i64 threads) {     \
+        const T* conv_w, const T* conv_b, T max_lr, i64 momentum, i64 forgetting, const T* const* anchor, T bound, \
+        T* record, T* const* parts, const T* y, const T* normed, const T* p, const T* logits, const T* g_reads,    \
+        const T* const* g_end_weights, const T* const* g_end_momentum, const T* g_y, const T* g_n,                 \
+        const T* g_p_out, T* g_a, T* g_wo_t, T* g_wn, T* const* g_wq_t, T* g_wg_t, T* g_bg, T* g_tail,             \
+        T* g_conv_w, T* g_conv_b, T* const* g_weights, T* const* g_momentum, T* const* g_anchor, i64 threads) {    \
         mac_write_backward<T>(Dims{depth, m, subs, pairs, c, widths}, batch, heads, kernel, a, wo_t, wn, eps, wq_t, \
                               wg_t, tail, conv_w, conv_b, max_lr, momentum != 0, forgetting != 0, anchor, bound,   \
-                              record, y, normed, p, logits, g_reads, g_end_weights, g_end_momentum, g_y, g_n,      \
-                              g_p_out, g_a, g_wo_t, g_wn, g_wq_t, g_wg_t, g_bg, g_tail, g_conv_w, g_conv_b,        \
+                              record, parts, y, normed, p, logits, g_reads, g_end_weights, g_end_momentum, g_y,    \
+                              g_n, g_p_out, g_a, g_wo_t, g_wn, g_wq_t, g_wg_t, g_bg, g_tail, g_conv_w, g_conv_b,   \
                               g_weights, g_momentum, g_anchor, threads);                                           \
     }
 
