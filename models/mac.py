@@ -23,7 +23,8 @@ float32/64, a segment that is one group of the memory's chunks, no dispatch mode
 write are one C call each way (native.mac_read, native.mac_write_forward: their small products in the C code's
 register-blocked loops instead of threaded BLAS calls), and a training step records 10 nodes per segment and
 block (27 with the write as torch ops around the compiled memory, 106 with most ops nodes of their own).
-Otherwise both run as torch ops (MemoryRead's, NeuralMemory.write), which FlopCounterMode counts. The
+Otherwise the read runs MemoryRead's torch ops and the write the output projection, F.rms_norm and
+NeuralMemory.write (its compiled operators, where usable, as FlopCounterMode counts them). The
 `mac_path="segment_loop"` reference runs the four steps segment by segment as written above, its read through
 the memory layer's own read with plain autograd; the tests hold the two equal."""
 
