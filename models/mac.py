@@ -177,19 +177,18 @@ class MemoryAsContext(nn.Module):
             read, state = memory.write(normed, state)
             return y, normed, read, state
         spec, anchor = one_call
-        conv = memory.conv
-        tensors = [t.contiguous() for t in (a, weights_t[0], self.write_norm.weight, *weights_t[1:],
-                                            memory.gates.bias, state["conv"], conv.weight, conv.bias,
-                                            *state["weights"], *state["momentum"], *anchor)]
-        depth = len(anchor)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            y, normed, p, read, *ends = SegmentWrite.apply(spec, self.write_norm.eps, *tensors)
-            weights, momentum = list(ends[:depth]), list(ends[depth:])
+        conv, (w_o_t, *w_qkv_t, w_gates_t) = memory.conv, weights_t
+        a, w_norm, tail, b_gates, conv_w, conv_b = (t.contiguous() for t in (  # the C code indexes contiguous tensors
+            a, self.write_norm.weight, state["conv"], memory.gates.bias, conv.weight, conv.bias))
+        states = [[t.contiguous() for t in ts] for ts in (state["weights"], state["momentum"], anchor)]
+        inputs = (a, w_o_t, w_norm, *w_qkv_t, w_gates_t, b_gates, tail, conv_w, conv_b, *sum(states, []))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            y, normed, p, read, *ends = SegmentWrite.apply(spec, self.write_norm.eps, *inputs)
+            weights, momentum = list(ends[: len(anchor)]), list(ends[len(anchor) :])
         else:
-            states = tensors[-3 * depth :]
             y, normed, p, _, read, weights, momentum, _ = native.mac_write_forward(
-                spec, tensors[0], tensors[1], tensors[2], self.write_norm.eps, tensors[3:6], *tensors[6:11],
-                states[:depth], states[depth : 2 * depth], states[2 * depth :], recording=False)
+                spec, a, w_o_t, w_norm, self.write_norm.eps, w_qkv_t, w_gates_t, b_gates, tail, conv_w, conv_b,
+                *states, recording=False)
         return y, normed, read, memory.advanced(state, n, weights, momentum, anchor,
                                                 memory.tail_after(state["conv"], p))
 

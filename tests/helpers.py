@@ -21,6 +21,11 @@ def graph_nodes(t: torch.Tensor) -> list:
     return list(seen)
 
 
+def node_names(t: torch.Tensor) -> set[str]:
+    """The kinds of autograd node in the graph behind t (e.g. "CompiledWriteBackward")."""
+    return {type(node).__name__ for node in graph_nodes(t)}
+
+
 @dataclass
 class SmallWrite:
     """A small one-group memory write for gradchecks: `batch` x `heads` heads of `dh` channels, memory hidden width

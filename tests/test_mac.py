@@ -3,7 +3,7 @@ reference, in fp64 on random inputs: outputs, gradients, carried state, streams 
 
 import pytest
 import torch
-from helpers import SmallWrite, graph_nodes, needs_native
+from helpers import SmallWrite, graph_nodes, needs_native, node_names
 
 import models
 
@@ -186,10 +186,6 @@ def twin_blocks(dtype=torch.float64, **memory):
         torch.manual_seed(0)
         blocks.append(MemoryAsContext(TitansConfig(memory=MemoryConfig(kernel=kernel, **memory))).to(dtype))
     return blocks
-
-
-def node_names(t):
-    return {type(node).__name__ for node in graph_nodes(t)}
 
 
 @needs_native

@@ -220,14 +220,12 @@ def compiled_write(spec: native.WriteSpec, tail: Tensor, p: Tensor, conv_w: Tens
                    anchor: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """CompiledWrite in training, the unrecorded write otherwise. Returns the reads [B, H, N, d_L] and the end
     weights and momentum [B, H, R, C] per layer."""
-    tensors = [t.contiguous() for t in (tail, p, conv_w, conv_b, logits, *weights, *momentum, *anchor)]
-    depth = len(weights)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        y, *ends = CompiledWrite.apply(spec, *tensors)
-        return y, list(ends[:depth]), list(ends[depth:])
-    y, end_weights, end_momentum, _ = native.write_forward(spec, *tensors[:5], tensors[5 : 5 + depth],
-                                                           tensors[5 + depth : 5 + 2 * depth], tensors[5 + 2 * depth :],
-                                                           recording=False)
+    inputs = [t.contiguous() for t in (tail, p, conv_w, conv_b, logits)]  # the C code indexes contiguous tensors
+    weights, momentum, anchor = ([t.contiguous() for t in ts] for ts in (weights, momentum, anchor))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *weights, *momentum, *anchor)):
+        y, *ends = CompiledWrite.apply(spec, *inputs, *weights, *momentum, *anchor)
+        return y, list(ends[: len(weights)]), list(ends[len(weights) :])
+    y, end_weights, end_momentum, _ = native.write_forward(spec, *inputs, weights, momentum, anchor, recording=False)
     return y, end_weights, end_momentum
 
 

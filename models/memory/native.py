@@ -601,8 +601,16 @@ def _write_dims(spec: WriteSpec, weights: list[Tensor], batch: int) -> tuple[lis
             (ctypes.c_int64 * len(widths))(*widths))
 
 
-def _record(spec: WriteSpec, weights: list[Tensor], batch: int, recording: bool) -> Record:
-    dims, widths = _write_dims(spec, weights, batch)
+def _state_shapes(weights: list[Tensor], momentum: list[Tensor], anchor: list[Tensor], batch: int,
+                  heads: int) -> dict[str, tuple[Tensor, tuple[int, ...]]]:
+    """A write's states as the C code indexes them, [B, H, d_l, d_{l+1}] per layer, for _check_shapes."""
+    return {f"{name}[{layer}]": (t, (batch, heads, *w.shape[-2:]))
+            for name, states in (("weights", weights), ("momentum", momentum), ("anchor", anchor))
+            for layer, (t, w) in enumerate(zip(states, weights, strict=True))}
+
+
+def _record(spec: WriteSpec, weights: list[Tensor], batch: int, recording: bool, dims: list[int],
+            widths: ctypes.Array) -> Record:
     main = weights[0].new_empty(getattr(library(), f"write_record_size_{SUFFIX[weights[0].dtype]}")(
         *dims, widths, recording))
     if not recording:
@@ -623,14 +631,11 @@ def write_forward(spec: WriteSpec, tail: Tensor, p: Tensor, conv_w: Tensor, conv
     dh = channels // (3 * heads)
     expected = {"p": (p, (batch, spec.m * spec.c, 3 * heads * dh)), "tail": (tail, (batch, kernel - 1, channels)),
                 "conv weight": (conv_w, (kernel, channels)), "conv bias": (conv_b, (channels,)),
-                "logits": (logits, (batch, n, 3 * heads))}
-    for name, states in (("weights", weights), ("momentum", momentum), ("anchor", anchor)):
-        expected |= {f"{name}[{layer}]": (t, (batch, heads, *w.shape[-2:])) for layer, (t, w) in
-                     enumerate(zip(states, weights, strict=True))}
+                "logits": (logits, (batch, n, 3 * heads)), **_state_shapes(weights, momentum, anchor, batch, heads)}
     _check_shapes("compiled memory write", expected, [] if n % spec.subs == 0 and spec.c % spec.subs == 0
                   and weights[0].shape[-2] == dh == weights[-1].shape[-1] else [f"group {spec} against n={n}"])
     dims, widths = _write_dims(spec, weights, batch)
-    record = _record(spec, weights, batch, recording)
+    record = _record(spec, weights, batch, recording, dims, widths)
     y = p.new_empty(batch, heads, n, weights[-1].shape[-1])
     end_weights, end_momentum = [w.new_empty(w.shape) for w in weights], [w.new_empty(w.shape) for w in weights]
     _call("write_forward", p.dtype, *dims, widths, batch, heads, kernel, tail, p, conv_w, conv_b, logits,
@@ -714,14 +719,12 @@ def mac_write_forward(spec: WriteSpec, a: Tensor, w_o_t: Tensor, w_norm: Tensor,
     expected = {"w_o_t": (w_o_t, (d, d)), "w_norm": (w_norm, (d,)), "w_gates_t": (w_gates_t, (d, 3 * heads)),
                 "b_gates": (b_gates, (3 * heads,)), "tail": (tail, (batch, conv_w.shape[0] - 1, 3 * d)),
                 "conv weight": (conv_w, (conv_w.shape[0], 3 * d)), "conv bias": (conv_b, (3 * d,)),
-                **{f"w_qkv_t[{j}]": (w, (d, d)) for j, w in enumerate(w_qkv_t)}}
-    for name, states in (("weights", weights), ("momentum", momentum), ("anchor", anchor)):
-        expected |= {f"{name}[{layer}]": (t, (batch, heads, *w.shape[-2:])) for layer, (t, w) in
-                     enumerate(zip(states, weights, strict=True))}
+                **{f"w_qkv_t[{j}]": (w, (d, d)) for j, w in enumerate(w_qkv_t)},
+                **_state_shapes(weights, momentum, anchor, batch, heads)}
     _check_shapes("compiled MAC write", expected, [] if n == spec.m * spec.c and weights[0].shape[-2] * heads == d
                   else [f"group {spec} against a {tuple(a.shape)}"])
     dims, widths = _write_dims(spec, weights, batch)
-    record = _record(spec, weights, batch, recording)
+    record = _record(spec, weights, batch, recording, dims, widths)
     y, normed, p, logits = (a.new_empty(batch, n, width) for width in (d, d, 3 * d, 3 * heads))
     reads = a.new_empty(batch, heads, n, weights[-1].shape[-1])
     end_weights, end_momentum = [w.new_empty(w.shape) for w in weights], [w.new_empty(w.shape) for w in weights]

@@ -858,6 +858,29 @@ struct ConvInputGradient {
     }
 };
 
+// One token's RMS norm with a weight over d channels, y = x r w with r = (mean x^2 + eps)^-1/2 (inverse_rms), and
+// its backward: from g, the gradient at y (times any gate applied after it), to g_x = r (g w - x_hat mean(g w
+// x_hat)) with x_hat = x r, adding g x_hat (the weight's gradient) into sums. NormGate, MAC's read and MAC's
+// write share it.
+template <typename T>
+T inverse_rms(const T* x, i64 d, T eps) {
+    T sq = 0;
+    for (i64 e = 0; e < d; ++e) sq += x[e] * x[e];
+    return T(1) / std::sqrt(sq / T(d) + eps);
+}
+
+template <typename T>
+void rms_norm_backward(const T* x, const T* w, T r, const T* g, i64 d, T* g_x, T* sums) {
+    T dot = 0;
+    for (i64 e = 0; e < d; ++e) {
+        const T normed = x[e] * r;
+        sums[e] += g[e] * normed;
+        dot += g[e] * w[e] * normed;
+    }
+    dot /= T(d);
+    for (i64 e = 0; e < d; ++e) g_x[e] = r * (g[e] * w[e] - x[e] * r * dot);
+}
+
 // Each head's read RMS-normed with a weight, then gated: y [B, H, N, dh] and gate logits [B, N, H dh] to out
 // [B, N, H dh], tokens major as the output projection takes them. The backward gives g_y and g_logits, and sums
 // the norm weight's gradient into partial [threads, dh].
@@ -872,7 +895,7 @@ struct NormGate {
 
     void run(i64 lo, i64 hi) const {  // over tokens i = b N + t
         const i64 D = heads * dh;
-        std::vector<T> s(D);
+        std::vector<T> s(D), gated(dh);
         T* sums = g_out ? partial + omp_get_thread_num() * dh : nullptr;
         for (i64 i = lo; i < hi; ++i) {
             const i64 b = i / n, t = i % n;
@@ -880,23 +903,17 @@ struct NormGate {
             for (i64 head = 0; head < heads; ++head) {
                 const i64 at = ((b * heads + head) * n + t) * dh, c = i * D + head * dh;
                 const T *x = y + at, *sc = s.data() + head * dh;
-                T sq = 0;
-                for (i64 e = 0; e < dh; ++e) sq += x[e] * x[e];
-                const T r = T(1) / std::sqrt(sq / T(dh) + eps);
+                const T r = inverse_rms(x, dh, eps);
                 if (!g_out) {
                     for (i64 e = 0; e < dh; ++e) out[c + e] = x[e] * r * weight[e] * sc[e];
                     continue;
                 }
                 const T* g = g_out + c;
-                T dot = 0;  // x_hat = x r moves the output by g_hat = g s w; x by r (g_hat - x_hat mean(g_hat x_hat))
                 for (i64 e = 0; e < dh; ++e) {
-                    const T normed = x[e] * r;
-                    g_logits[c + e] = g[e] * normed * weight[e] * sc[e] * (T(1) - sc[e]);
-                    sums[e] += g[e] * sc[e] * normed;
-                    dot += g[e] * sc[e] * weight[e] * normed;
+                    g_logits[c + e] = g[e] * x[e] * r * weight[e] * sc[e] * (T(1) - sc[e]);
+                    gated[e] = g[e] * sc[e];
                 }
-                dot /= T(dh);
-                for (i64 e = 0; e < dh; ++e) g_y[at + e] = r * (g[e] * sc[e] * weight[e] - x[e] * r * dot);
+                rms_norm_backward(x, weight, r, gated.data(), dh, g_y + at, sums);
             }
         }
     }
@@ -952,7 +969,7 @@ struct MemoryReadJob {
     void run(i64 lo, i64 hi) const {
         const i64 L = d.depth, c = d.c, dh = d.cols(L - 1), D = heads * dh;
         std::vector<std::vector<T>> xs(L), zs(L);  // each layer's input (x_0 = q read in place) and pre-activation
-        std::vector<T> gz, gx, wt(d.max_width() * d.max_width()), s;
+        std::vector<T> gz, gx, wt(d.max_width() * d.max_width()), s, gated(d.cols(L - 1));
         for (i64 l = 0; l < L; ++l) {
             if (l) xs[l].resize(c * d.rows(l));
             zs[l].resize(c * d.cols(l));
@@ -975,24 +992,17 @@ struct MemoryReadJob {
             const T* z = zs[L - 1].data();
             for (i64 t = 0; t < c; ++t) {
                 const T* zt = z + t * dh;
-                T sq = 0;
-                for (i64 e = 0; e < dh; ++e) sq += zt[e] * zt[e];
-                const T r = T(1) / std::sqrt(sq / T(dh) + eps);
+                const T r = inverse_rms(zt, dh, eps);
                 const i64 at = (b * c + t) * D + h * dh;
                 if (!g_out) {
                     for (i64 e = 0; e < dh; ++e) out[at + e] = zt[e] * r * w_norm[e] * gate[at + e];
                     continue;
                 }
-                T dot = 0;  // n = z r: g_n = g gate w, and z moves by r (g_n - n mean(g_n n))
                 for (i64 e = 0; e < dh; ++e) {
-                    const T n = zt[e] * r, go = g_out[at + e];
-                    g_gate[at + e] = go * n * w_norm[e];
-                    sums[e] += go * gate[at + e] * n;
-                    dot += go * gate[at + e] * w_norm[e] * n;
+                    g_gate[at + e] = g_out[at + e] * zt[e] * r * w_norm[e];
+                    gated[e] = g_out[at + e] * gate[at + e];
                 }
-                dot /= T(dh);
-                for (i64 e = 0; e < dh; ++e)
-                    gz[t * dh + e] = r * (g_out[at + e] * gate[at + e] * w_norm[e] - zt[e] * r * dot);
+                rms_norm_backward(zt, w_norm, r, gated.data(), dh, gz.data() + t * dh, sums);
             }
             if (!g_out) continue;
             for (i64 l = L - 1; l >= 0; --l) {  // gz holds g_z_l [c, C]
@@ -1337,10 +1347,7 @@ struct WriteInput {
         if (!g_p) {
             gemm(a + lo * D, D, 1, wo_t, y + lo * D, rows, D, D, T(1), false);
             for (i64 i = lo; i < hi; ++i) {
-                const T *yi = y + i * D;
-                T sq = 0;
-                for (i64 e = 0; e < D; ++e) sq += yi[e] * yi[e];
-                const T r = T(1) / std::sqrt(sq / T(D) + eps);
+                const T *yi = y + i * D, r = inverse_rms(yi, D, eps);
                 for (i64 e = 0; e < D; ++e) n[i * D + e] = yi[e] * r * wn[e];
             }
             for (int j = 0; j < 3; ++j) {
@@ -1365,17 +1372,10 @@ struct WriteInput {
             T* gi = gn.data() + (i - lo) * D;
             if (g_n)
                 for (i64 e = 0; e < D; ++e) gi[e] += g_n[i * D + e];
-            T sq = 0;
-            for (i64 e = 0; e < D; ++e) sq += yi[e] * yi[e];
-            const T r = T(1) / std::sqrt(sq / T(D) + eps);
-            T dot = 0;  // x_hat = y r: g_hat = g w_n, and y moves by r (g_hat - x_hat mean(g_hat x_hat))
-            for (i64 e = 0; e < D; ++e) {
-                sums[e] += gi[e] * yi[e] * r;
-                dot += gi[e] * wn[e] * yi[e] * r;
-            }
-            dot /= T(D);
             T* gy = g_ys + i * D;
-            for (i64 e = 0; e < D; ++e) gy[e] = r * (gi[e] * wn[e] - yi[e] * r * dot) + (g_y ? g_y[i * D + e] : T(0));
+            rms_norm_backward(yi, wn, inverse_rms(yi, D, eps), gi, D, gy, sums);
+            if (g_y)
+                for (i64 e = 0; e < D; ++e) gy[e] += g_y[i * D + e];
         }
         transpose(wo_t, wt.data(), D, D);
         gemm(g_ys + lo * D, D, 1, wt.data(), g_a + lo * D, rows, D, D, T(1), false);
